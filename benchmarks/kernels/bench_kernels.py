@@ -1,0 +1,392 @@
+"""Check every Triton kernel of radixserve.kernels against its reference on the GPU, then time it.
+
+    python benchmarks/kernels/bench_kernels.py            # full run (CUDA required)
+    python benchmarks/kernels/bench_kernels.py --quick    # fewer tuning variants
+    python benchmarks/kernels/bench_kernels.py --smoke    # tiny sizes; on CPU runs under TRITON_INTERPRET
+
+Figures (BENCHMARKS.md, kernel targets):
+  * copy: device-to-device copy bandwidth, bytes read + written (the HBM ceiling)
+  * decode: paged split-KV decode attention, batch 64, context 4k, head_dim 128, 32 q / 8 kv
+    heads, page 16, bf16: GB/s of KV read, as a fraction of the copy bandwidth (target >= 0.85);
+    dense SDPA over the same KV (unpaged) as an anchor
+  * extend: causal prefill 2k/4k/8k tokens, 32 heads, head_dim 64 and 128, bf16: TFLOP/s vs torch
+    SDPA with the cuDNN and the FlashAttention backends (target >= 0.8x cuDNN, > flash)
+  * cascade: shared-prefix decode vs plain paged decode on a gsp-like batch (64 groups x 16
+    requests, 2048-token shared prefix, 256-token private suffix), and the KV-bytes ratio
+  * rms_norm (with residual), silu_and_mul, store_kv: GB/s
+Times are medians of triton.testing.do_bench. One table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import radixserve.kernels as K  # noqa: E402
+
+decode_mod = importlib.import_module("radixserve.kernels.decode_attention")
+extend_mod = importlib.import_module("radixserve.kernels.extend_attention")
+shared_mod = importlib.import_module("radixserve.kernels.shared_prefix_attention")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ROWS: list[tuple[str, str, str, str]] = []  # (figure, shape, value, note)
+
+
+def row(figure: str, shape: str, value: str, note: str = "") -> None:
+    ROWS.append((figure, shape, value, note))
+    print(f"  {figure:<28} {shape:<44} {value:<22} {note}", flush=True)
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds."""
+    if DEV == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    err = rel_err(got, ref)
+    ok = bool(torch.isfinite(got).all()) and err <= tol
+    print(f"  check {name:<50} rel err {err:.2e} (tol {tol:.0e}) {'ok' if ok else 'FAIL'}", flush=True)
+    if not ok:
+        row(f"CHECK FAILED {name}", "", f"{err:.2e}", f"tol {tol:.0e}")
+    return err
+
+
+def paged_kv(seq_lens: list[int], page_size: int, hkv: int, d: int, dtype: torch.dtype,
+             extra_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Caches and a page table with each request's pages scattered at random over the pool."""
+    pages = [-(-n // page_size) for n in seq_lens]
+    num_pages = sum(pages) + extra_pages + 1
+    k = torch.randn(num_pages, page_size, hkv, d, device=DEV, dtype=dtype)
+    v = torch.randn(num_pages, page_size, hkv, d, device=DEV, dtype=dtype)
+    perm = torch.randperm(num_pages, device=DEV)
+    table = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32, device=DEV)
+    used = 0
+    for i, n in enumerate(pages):
+        table[i, :n] = perm[used : used + n].int()
+        used += n
+    return k, v, table
+
+
+# ------------------------------------------------------------------ copy bandwidth
+
+def bench_copy() -> float:
+    n = (1 << 30) if not SMOKE else (1 << 20)
+    src = torch.randn(n // 4, device=DEV)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    gbs = 2 * n / ms / 1e6
+    row("copy d2d (read+write)", f"{n >> 20} MiB fp32", f"{gbs:,.0f} GB/s")
+    return gbs
+
+
+# ------------------------------------------------------------------ decode
+
+def bench_decode(copy_gbs: float, quick: bool) -> None:
+    b, ctx, hq, hkv, d, p = (64, 4096, 32, 8, 128, 16) if not SMOKE else (4, 100, 4, 2, 32, 16)
+    dtype = torch.bfloat16
+    seq = [ctx] * b
+    k, v, table = paged_kv(seq, p, hkv, d, dtype)
+    q = torch.randn(b, hq, d, device=DEV, dtype=dtype)
+    seq_lens = torch.tensor(seq, dtype=torch.int32, device=DEV)
+    scale = d**-0.5
+    args = (q, k, v, table, seq_lens, scale, ctx)
+    ref = K.decode_attention_reference(*args)
+    check("decode bf16 vs reference", K.decode_attention(*args), ref, 2e-2)
+    # Mixed lengths, fp32 exact path.
+    mseq = [1, 17, 31, 16, 4095, 700, 128, 129] if not SMOKE else [1, 17, 33]
+    k32, v32, t32 = paged_kv(mseq, p, hkv, d, torch.float32)
+    q32 = torch.randn(len(mseq), hq, d, device=DEV)
+    a32 = (q32, k32, v32, t32, torch.tensor(mseq, dtype=torch.int32, device=DEV), scale, max(mseq))
+    check("decode fp32 mixed lengths vs reference", K.decode_attention(*a32), K.decode_attention_reference(*a32), 1e-5)
+
+    kv_bytes = 2 * b * ctx * hkv * d * k.element_size()
+    shape = f"B{b} ctx{ctx} {hq}/{hkv}h d{d} P{p} bf16"
+    default_splits = decode_mod.choose_num_splits(b, hkv, ctx, decode_mod.num_sms(q.device))
+    variants: list[dict] = [{}]
+    if not SMOKE:
+        for splits in ([1, 2, 4, 8] if not quick else [2, 4]):
+            for bn in (32, 64, 128):
+                for nw, ns in ((4, 2), (8, 3)) if not quick else ((4, 3),):
+                    variants.append(dict(num_splits=splits, block_n=bn, num_warps=nw, num_stages=ns))
+    results = []
+    for var in variants:
+        try:
+            fn = lambda var=var: decode_mod.paged_decode_with_lse(*args, with_lse=False, **var)  # noqa: E731
+            out, _ = fn()
+            if rel_err(out, ref) > 2e-2:
+                print(f"  decode variant {var} WRONG ({rel_err(out, ref):.2e})")
+                continue
+            ms = bench(fn)
+        except Exception as exc:  # a variant that does not compile (shared memory) is skipped
+            print(f"  decode variant {var} failed: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        results.append((ms, var))
+        print(f"  decode {str(var or {'default splits': default_splits}):<75} {ms * 1e3:8.1f} us "
+              f"{kv_bytes / ms / 1e6:8.0f} GB/s", flush=True)
+    ms_default = results[0][0]
+    row("decode paged (default)", shape, f"{kv_bytes / ms_default / 1e6:,.0f} GB/s",
+        f"{kv_bytes / ms_default / 1e6 / copy_gbs:.0%} of copy; {ms_default * 1e3:.0f} us; splits {default_splits}")
+    best_ms, best = min(results, key=lambda r: r[0])
+    row("decode paged (best variant)", shape, f"{kv_bytes / best_ms / 1e6:,.0f} GB/s",
+        f"{kv_bytes / best_ms / 1e6 / copy_gbs:.0%} of copy; {best_ms * 1e3:.0f} us; {best}")
+    # Anchor: dense (unpaged) SDPA decode over the same amount of KV.
+    kd = torch.randn(b, hkv, ctx, d, device=DEV, dtype=dtype)
+    vd = torch.randn_like(kd)
+    q4 = q[:, :, None, :]
+    try:
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True)  # noqa: E731
+        ms = bench(fn)
+        row("decode dense SDPA (anchor)", shape.replace(f" P{p}", ""), f"{kv_bytes / ms / 1e6:,.0f} GB/s",
+            f"{kv_bytes / ms / 1e6 / copy_gbs:.0%} of copy; {ms * 1e3:.0f} us")
+    except Exception as exc:
+        print(f"  dense SDPA decode failed: {exc}")
+
+
+# ------------------------------------------------------------------ extend
+
+EXTEND_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is swept in --quick too
+    (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3),
+    (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2),
+]
+
+
+def _extend_case(t: int, h: int, d: int, p: int, dtype: torch.dtype):
+    k, v, table = paged_kv([t], p, h, d, dtype)
+    q = torch.randn(t, h, d, device=DEV, dtype=dtype)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    return (q, k, v, table, torch.tensor([t], **i32), torch.tensor([t], **i32), torch.tensor([0, t], **i32), t,
+            d**-0.5)
+
+
+def bench_extend(quick: bool) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    h, p = (32, 16) if not SMOKE else (2, 16)
+    lengths = [2048, 4096, 8192] if not SMOKE else [40]
+    dims = [64, 128] if not SMOKE else [32]
+    dtype = torch.bfloat16
+    # Correctness: a mixed batch (prefix hits, decode rows, a page-ragged prefill) in bf16 and fp32.
+    mseq, mext = ([1500, 700, 2048, 129, 1, 64], [1500, 300, 2048, 1, 1, 63]) if not SMOKE else ([20, 9], [20, 3])
+    for dt, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        for d in dims:
+            k, v, table = paged_kv(mseq, p, 8 if not SMOKE else 1, d, dt)
+            q = torch.randn(sum(mext), (32 if not SMOKE else 2), d, device=DEV, dtype=dt)
+            i32 = dict(dtype=torch.int32, device=DEV)
+            cu = torch.tensor([0] + list(torch.cumsum(torch.tensor(mext), 0).tolist()), **i32)
+            args = (q, k, v, table, torch.tensor(mseq, **i32), torch.tensor(mext, **i32), cu, max(mext), d**-0.5)
+            check(f"extend {dt} d{d} mixed GQA batch", K.extend_attention(*args), K.extend_attention_reference(*args),
+                  tol)
+    for d in dims:
+        t_tune = 4096 if not SMOKE else lengths[0]
+        args = _extend_case(t_tune, h, d, p, dtype)
+        ref = K.extend_attention_reference(*args)
+        configs = EXTEND_CONFIGS[: 3 if quick else None] if not SMOKE else [None]
+        configs = [None] + configs if not SMOKE else configs
+        best = None
+        for cfg in configs:
+            kw = {} if cfg is None else dict(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+            try:
+                fn = lambda kw=kw: extend_mod.extend_attention_impl(*args, **kw)  # noqa: E731
+                err = rel_err(fn(), ref)
+                if err > 2e-2:
+                    print(f"  extend d{d} {cfg} WRONG ({err:.2e})")
+                    continue
+                ms = bench(fn)
+            except Exception as exc:
+                print(f"  extend d{d} {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            flops = 4 * h * d * t_tune * (t_tune + 1) / 2
+            print(f"  extend d{d} T{t_tune} cfg {cfg}: {ms * 1e3:8.1f} us {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+            if best is None or ms < best[0]:
+                best = (ms, kw)
+        if best is None:
+            row(f"extend d{d}", "", "no variant ran", "")
+            continue
+        for t in lengths:
+            args = _extend_case(t, h, d, p, dtype)
+            flops = 4 * h * d * t * (t + 1) / 2
+            ms_def = bench(lambda: K.extend_attention(*args))
+            ms_best = bench(lambda: extend_mod.extend_attention_impl(*args, **best[1]))
+            q4 = args[0].transpose(0, 1)[None]
+            kd = torch.randn_like(q4)
+            vd = torch.randn_like(q4)
+            sdpa = {}
+            for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                if DEV != "cuda":
+                    continue
+                try:
+                    with sdpa_kernel([backend]):
+                        fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                            q4, kd, vd, is_causal=True)
+                        fn()
+                        sdpa[name] = bench(fn)
+                except Exception as exc:
+                    print(f"  sdpa {name} failed: {exc}")
+            tf = lambda ms: flops / ms / 1e9  # noqa: E731
+            note = "; ".join(f"{n} {tf(ms):.0f} TF/s, ratio {ms / ms_best:.2f}x" for n, ms in sdpa.items())
+            row(f"extend d{d} (default cfg)", f"T{t} causal {h}h P{p} bf16", f"{tf(ms_def):.0f} TFLOP/s", "")
+            row(f"extend d{d} (best {tuple(best[1].values())})", f"T{t} causal {h}h P{p} bf16",
+                f"{tf(ms_best):.0f} TFLOP/s", note)
+
+
+# ------------------------------------------------------------------ cascade (shared prefix)
+
+def bench_cascade(copy_gbs: float) -> None:
+    groups, per, prefix, suffix, hq, hkv, d, p = (64, 16, 2048, 256, 32, 8, 128, 16) if not SMOKE else \
+        (2, 3, 32, 9, 4, 2, 32, 16)
+    dtype = torch.bfloat16
+    b = groups * per
+    prefix_pages = prefix // p
+    suffix_pages = -(-suffix // p)
+    num_pages = groups * prefix_pages + b * suffix_pages + 1
+    k = torch.randn(num_pages, p, hkv, d, device=DEV, dtype=dtype)
+    v = torch.randn_like(k)
+    perm = torch.randperm(num_pages, device=DEV).int()
+    prefix_pt = perm[: groups * prefix_pages].view(groups, prefix_pages)
+    suffix_pt = perm[groups * prefix_pages : groups * prefix_pages + b * suffix_pages].view(b, suffix_pages)
+    full_pt = torch.cat([prefix_pt.repeat_interleave(per, 0), suffix_pt], 1).contiguous()
+    q = torch.randn(b, hq, d, device=DEV, dtype=dtype)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    prefix_lens = torch.full((groups,), prefix, **i32)
+    cu_groups = torch.arange(0, b + 1, per, **i32)
+    suffix_lens = torch.full((b,), suffix, **i32)
+    seq_lens = torch.full((b,), prefix + suffix, **i32)
+    scale = d**-0.5
+    cargs = (q, k, v, prefix_pt, prefix_lens, cu_groups, suffix_pt.contiguous(), suffix_lens, scale, prefix, suffix,
+             per)
+    dargs = (q, k, v, full_pt, seq_lens, scale, prefix + suffix)
+    ref = K.decode_attention_reference(*dargs) if b * (prefix + suffix) < 2_000_000 else None
+    plain = K.decode_attention(*dargs)
+    casc = K.shared_prefix_decode_attention(*cargs)
+    if ref is not None:
+        check("plain decode on gsp vs reference", plain, ref, 2e-2)
+    check("cascade vs plain decode (gsp)", casc, plain, 2e-2)
+    ms_plain = bench(lambda: K.decode_attention(*dargs))
+    ms_casc = bench(lambda: K.shared_prefix_decode_attention(*cargs))
+    tok_bytes = 2 * hkv * d * k.element_size()
+    plain_bytes = b * (prefix + suffix) * tok_bytes
+    casc_bytes = (groups * prefix + b * suffix) * tok_bytes
+    shape = f"{groups}x{per} req, prefix {prefix}, suffix {suffix}, {hq}/{hkv}h d{d}"
+    row("decode plain paged (gsp)", shape, f"{ms_plain * 1e3:,.0f} us",
+        f"{plain_bytes / ms_plain / 1e6:,.0f} GB/s = {plain_bytes / ms_plain / 1e6 / copy_gbs:.0%} of copy")
+    row("decode shared-prefix (gsp)", shape, f"{ms_casc * 1e3:,.0f} us",
+        f"speedup {ms_plain / ms_casc:.2f}x; KV bytes ratio {plain_bytes / casc_bytes:.2f}x; "
+        f"{casc_bytes / ms_casc / 1e6:,.0f} GB/s effective")
+
+
+# ------------------------------------------------------------------ elementwise
+
+def bench_elementwise(copy_gbs: float) -> None:
+    t, hidden, inter = (16384, 4096, 14336) if not SMOKE else (8, 64, 96)
+    dtype = torch.bfloat16
+    x = torch.randn(t, hidden, device=DEV, dtype=dtype)
+    r = torch.randn_like(x)
+    w = torch.randn(hidden, device=DEV, dtype=dtype)
+    y, h = K.rms_norm(x, w, 1e-5, residual=r)
+    y_ref, h_ref = K.rms_norm_reference(x, w, 1e-5, residual=r)
+    check("rms_norm+residual bf16", y, y_ref, 1e-2)
+    check("rms_norm residual sum bf16", h, h_ref, 0.0 if DEV == "cuda" else 1e-2)  # interpreter truncates bf16
+    x32 = torch.randn(64, hidden, device=DEV)
+    check("rms_norm fp32", K.rms_norm(x32, w.float(), 1e-5), K.rms_norm_reference(x32, w.float(), 1e-5), 1e-6)
+    ms = bench(lambda: K.rms_norm(x, w, 1e-5, residual=r))
+    nbytes = 4 * x.numel() * x.element_size()
+    ms_t = bench(lambda: K.rms_norm_reference(x, w, 1e-5, residual=r))
+    row("rms_norm + residual", f"[{t}, {hidden}] bf16", f"{nbytes / ms / 1e6:,.0f} GB/s",
+        f"{nbytes / ms / 1e6 / copy_gbs:.0%} of copy; torch eager {nbytes / ms_t / 1e6:,.0f} GB/s")
+
+    g = torch.randn(t, 2 * inter, device=DEV, dtype=dtype)
+    check("silu_and_mul bf16", K.silu_and_mul(g), K.silu_and_mul_reference(g), 1e-2)
+    ms = bench(lambda: K.silu_and_mul(g))
+    ms_t = bench(lambda: K.silu_and_mul_reference(g))
+    nbytes = g.numel() * g.element_size() * 3 // 2
+    row("silu_and_mul", f"[{t}, 2x{inter}] bf16", f"{nbytes / ms / 1e6:,.0f} GB/s",
+        f"{nbytes / ms / 1e6 / copy_gbs:.0%} of copy; torch eager {nbytes / ms_t / 1e6:,.0f} GB/s")
+
+    # store_kv: a prefill of 16k tokens into a 16-token-page pool, 8 KV heads x 128.
+    hkv, d, p = (8, 128, 16) if not SMOKE else (2, 32, 4)
+    ntok = t
+    kc = torch.zeros(ntok // p + 8, p, hkv, d, device=DEV, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(kc.shape[0] * p, device=DEV)[:ntok]
+    kk = torch.randn(ntok, hkv, d, device=DEV, dtype=dtype)
+    vv = torch.randn_like(kk)
+    K.store_kv(kk, vv, kc, vc, slots)
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    K.store_kv_reference(kk, vv, kc2, vc2, slots)
+    check("store_kv bf16 (exact)", kc.float(), kc2.float(), 0.0)
+    ms = bench(lambda: K.store_kv(kk, vv, kc, vc, slots))
+    nbytes = 4 * kk.numel() * kk.element_size()
+    row("store_kv", f"{ntok} tok {hkv}x{d} P{p} bf16", f"{nbytes / ms / 1e6:,.0f} GB/s",
+        f"{nbytes / ms / 1e6 / copy_gbs:.0%} of copy")
+
+    pos = torch.randint(0, 8192, (t,), device=DEV)
+    qr = torch.randn(t, 32, 128, device=DEV, dtype=dtype) if not SMOKE else torch.randn(t, 4, 32, device=DEV)
+    kr = torch.randn(t, 8, 128, device=DEV, dtype=dtype) if not SMOKE else torch.randn(t, 2, 32, device=DEV)
+    cache = K.rope_cos_sin_cache(qr.shape[2], 8192, 500000.0).to(DEV)
+    qo, ko = K.apply_rotary(pos, qr, kr, cache)
+    qo_r, ko_r = K.apply_rotary_reference(pos, qr, kr, cache)
+    check("apply_rotary bf16", qo, qo_r, 1e-2)
+    ms = bench(lambda: K.apply_rotary(pos, qr, kr, cache))
+    nbytes = 2 * (qr.numel() + kr.numel()) * qr.element_size()
+    row("apply_rotary", f"{t} tok 32/8h d128 bf16", f"{nbytes / ms / 1e6:,.0f} GB/s",
+        f"{nbytes / ms / 1e6 / copy_gbs:.0%} of copy")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", default="copy,decode,extend,cascade,elementwise")
+    opts = parser.parse_args()
+    torch.manual_seed(0)
+    if DEV == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        import triton
+
+        print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+              f"triton {triton.__version__}", flush=True)
+    only = set(opts.only.split(","))
+    copy_gbs = bench_copy()
+    sections = [("decode", lambda: bench_decode(copy_gbs, opts.quick)), ("extend", lambda: bench_extend(opts.quick)),
+                ("cascade", lambda: bench_cascade(copy_gbs)), ("elementwise", lambda: bench_elementwise(copy_gbs))]
+    for name, fn in sections:
+        if name in only:
+            print(f"== {name}", flush=True)
+            try:
+                fn()
+            except Exception as exc:  # keep the other sections' figures
+                import traceback
+
+                traceback.print_exc()
+                row(f"{name} FAILED", "", type(exc).__name__, str(exc)[:80])
+            torch.cuda.empty_cache() if DEV == "cuda" else None
+    print("\n" + "=" * 150)
+    print(f"{'figure':<40} {'shape':<46} {'value':<18} note")
+    for fig, shape, value, note in ROWS:
+        print(f"{fig:<40} {shape:<46} {value:<18} {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Plan shared-prefix (cascade) decode attention for a decode batch.
+
+Requests that share a prefix through the radix cache hold the very same page indices for it
+(the tree's pages are canonical), so sharing is visible in the page tables alone:
+
+    request a: [p0 p1 p2 p3 | a4 a5]        group {a, b, c}: prefix pages p0..p3, read once
+    request b: [p0 p1 p2 p3 | b4]           suffixes: [a4 a5], [b4], [c4 c5 c6], read per request
+    request c: [p0 p1 p2 p3 | c4 c5 c6]
+
+Requests are grouped by their first page, and a group's prefix is the longest run of pages
+all its members share (capped so every member keeps at least its current token as suffix).
+Groups whose prefix is too short to pay for the extra pass become single requests with an empty
+prefix. The plan reorders the batch so each group's rows are contiguous; the model runner
+undoes the order on the way out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from radixserve.runtime.forward_batch import fill_rows
+
+# A shared prefix shorter than this (tokens) is not worth a separate attention pass.
+MIN_SHARED_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class CascadeInfo:
+    """Tensors for `shared_prefix_decode_attention` (see kernels/shared_prefix_attention.py).
+    Rows are in the plan's order. Valid for one step."""
+
+    prefix_page_table: torch.Tensor  # [G, max_prefix_pages] int32
+    prefix_lens: torch.Tensor  # [G] int32
+    cu_groups: torch.Tensor  # [G + 1] int32
+    suffix_page_table: torch.Tensor  # [B, max_suffix_pages] int32
+    suffix_lens: torch.Tensor  # [B] int32
+    max_prefix_len: int
+    max_suffix_len: int
+    max_group_size: int
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """`order[j]` is the original batch index of row j; `groups` lists (start, end, prefix
+    pages) over rows in that order."""
+
+    order: list[int]
+    groups: list[tuple[int, int, int]]
+
+    @property
+    def shares(self) -> bool:
+        return any(pages > 0 for _, _, pages in self.groups)
+
+
+def plan_cascade(pages: Sequence[Sequence[int]], seq_lens: Sequence[int], page_size: int) -> CascadePlan:
+    """Group decode requests by shared leading pages. Pure; reads only its arguments."""
+    by_first: dict[int, list[int]] = {}
+    for i, p in enumerate(pages):
+        by_first.setdefault(p[0], []).append(i)
+    order: list[int] = []
+    groups: list[tuple[int, int, int]] = []
+    singles: list[int] = []
+    for members in by_first.values():
+        shared = _shared_pages(members, pages, seq_lens, page_size)
+        if len(members) < 2 or shared * page_size < MIN_SHARED_TOKENS:
+            singles.extend(members)
+            continue
+        groups.append((len(order), len(order) + len(members), shared))
+        order.extend(members)
+    for i in singles:
+        groups.append((len(order), len(order) + 1, 0))
+        order.append(i)
+    return CascadePlan(order, groups)
+
+
+def _shared_pages(members: list[int], pages: Sequence[Sequence[int]], seq_lens: Sequence[int], page_size: int) -> int:
+    """Leading pages every member holds in common, leaving each at least its last token."""
+    limit = min((seq_lens[i] - 1) // page_size for i in members)
+    if limit <= 0:
+        return 0
+    rows = np.array([pages[i][:limit] for i in members], dtype=np.int64)  # [n, limit]
+    differs = (rows != rows[0]).any(axis=0)
+    return int(differs.argmax()) if differs.any() else limit
+
+
+def build_cascade_info(
+    plan: CascadePlan, pages: Sequence[Sequence[int]], seq_lens: Sequence[int], page_size: int, device: torch.device
+) -> CascadeInfo:
+    """Tensors for the plan; `pages` and `seq_lens` are in the plan's row order."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    shared = np.zeros(len(lens), dtype=np.int64)
+    group_pages = np.array([g[2] for g in plan.groups], dtype=np.int64)
+    cu = np.array([0] + [end for _, end, _ in plan.groups], dtype=np.int32)
+    for start, end, n in plan.groups:
+        shared[start:end] = n
+    need = -(-lens // page_size)
+    prefix_table = fill_rows([pages[start] for start, _, _ in plan.groups], group_pages, int(group_pages.max()))
+    suffix_table = fill_rows(
+        [p[k:] for p, k in zip(pages, shared.tolist())], need - shared, int((need - shared).max())
+    )
+    prefix_lens = group_pages * page_size
+    suffix_lens = lens - shared * page_size
+
+    def to_device(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
+    return CascadeInfo(
+        prefix_page_table=to_device(prefix_table),
+        prefix_lens=to_device(prefix_lens),
+        cu_groups=to_device(cu),
+        suffix_page_table=to_device(suffix_table),
+        suffix_lens=to_device(suffix_lens),
+        max_prefix_len=int(prefix_lens.max()),
+        max_suffix_len=int(suffix_lens.max()),
+        max_group_size=max(end - start for start, end, _ in plan.groups),
+    )

@@ -1,0 +1,72 @@
+"""Engine configuration: one frozen value, validated once, never mutated.
+
+Everything the engine derives from the loaded model (the KV pool's size when `num_pages` is
+None, the context length when `max_model_len` is None) is computed at start-up into the
+engine's own fields; the config stays as the user wrote it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from radixserve.radix import EVICTION_POLICIES
+
+SchedulePolicy = Literal["lpm", "fcfs"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What to load and how to schedule.
+
+    `max_batch_tokens` is the per-step token budget: decode tokens of running requests first,
+    then prefill chunks. `kv_cache_bytes` sizes the KV pool when `num_pages` is not given.
+    `cuda_graphs` and `overlap` (None: on for CUDA, off on the CPU) switch decode-step CUDA
+    graphs (runtime/cuda_graphs.py) and the overlapped engine loop (engine_loop.py).
+    `schedule_policy` "lpm" admits waiting requests longest-cached-prefix first (falling back
+    to arrival order when more than `lpm_max_waiting` wait, as matching every waiting prompt
+    each step would cost more than it saves); "fcfs" is arrival order.
+    """
+
+    model: str = "default"
+    load_format: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    page_size: int = 1
+    num_pages: int | None = None
+    kv_cache_bytes: int | None = None
+    max_model_len: int | None = None
+    max_running: int = 256
+    max_waiting: int = 4096
+    max_batch_tokens: int = 2048
+    enable_prefix_cache: bool = True
+    eviction_policy: str = "lru"
+    schedule_policy: SchedulePolicy = "lpm"
+    lpm_max_waiting: int = 128
+    ops: str = "auto"
+    cuda_graphs: bool | None = None  # None: on with CUDA and the Triton ops
+    overlap: bool | None = None  # None: on with CUDA (schedule step t+1 while step t runs)
+    seed: int = 0
+    stall_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.page_size <= 64:
+            raise ValueError(f"page_size must be in [1, 64], got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"num_pages must be positive, got {self.num_pages}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        for name in ("max_running", "max_waiting", "max_batch_tokens", "lpm_max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(
+                f"eviction_policy must be one of {', '.join(sorted(EVICTION_POLICIES))}, "
+                f"got {self.eviction_policy!r}"
+            )
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be positive")

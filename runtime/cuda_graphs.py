@@ -1,0 +1,411 @@
+"""CUDA graphs for decode steps: captured once at start-up, replayed at every decode step.
+
+A decode step of a small model is a few hundred short kernels; launching them one by one from
+Python costs more than running them. Every decode batch (each request adds exactly one token
+and needs that token's logits) therefore replays a graph captured at start-up for the smallest
+captured batch size (a "bucket") that holds it:
+
+    capture sizes: 1 2 4 8 16 24 32 48 64 80 96 112 128 160 192 224 256 288 ... (<= max_bs, and max_bs)
+    a decode batch of 37 requests replays the graph of 48: rows 37..47 are padding
+
+One set of static input buffers serves every graph; the graph of bucket b reads their first b
+rows. Shared-prefix (cascade) decode batches have graphs of their own that read the cascade
+buffers as well:
+
+    i64 [5, max_bs]:  input_ids | positions | out_slots | carry dst | carry src
+    i32 [4 * max_bs + 1]:  seq_lens | prefix_lens | suffix_lens | cu_groups (max_bs + 1)
+    page_table [max_bs, max_pages]      (plain graphs)
+    prefix_page_table [max_bs, max_pages], suffix_page_table [max_bs, max_pages]  (cascade graphs)
+    max_pages = ceil(max_model_len / page_size)
+
+Invariants (what makes one capture valid for every later step):
+
+* Padding rows (real batch size .. bucket) have token 0, position 0, seq_len 0 (suffix_len 0
+  and no group in cascade graphs) and write their K/V to the reserved dummy slot: the first
+  slot of a page that the page allocator never hands out (the engine makes the KV pool one
+  page larger than the allocator's). They read no KV, cost almost nothing, and never touch a
+  real request's KV. Their logits are ignored.
+* Page-table columns past a row's ceil(seq_len / page_size) pages are stale (left from earlier
+  steps) and never read: the kernels stop at seq_len.
+* Kernel grids are fixed at capture. Split-KV counts come from the bucket and `max_model_len`
+  (the bound of every seq_len), never from this step's lengths; each program derives its own
+  split from the device-side length, so a replay is valid for any lengths <= max_model_len.
+* Cascade graphs have `bucket` group slots of at most `group_cap` requests each (the requests
+  of one prefix tile, see kernels/shared_prefix_attention.py): a plan's larger groups are cut
+  into chunks of `group_cap`, and each chunk reads its prefix once, as the kernel's row blocks
+  would anyway. Unused group slots are empty (cu_groups[g] == cu_groups[g + 1]).
+* A graph's output (logits [bucket, vocab] fp32) lives in the graphs' shared memory pool and
+  is overwritten by the next replay of any graph. Sampling reads it right after the replay in
+  stream order, so it is consumed before any later replay runs.
+* Inputs reach the static buffers by non-blocking copies from pinned host memory, whose blocks
+  the caching host allocator does not reuse before those copies ran: building and replaying a
+  step never makes the host wait for the device.
+* "Carried" tokens: in the overlapped engine loop a decode row's input token may be the one
+  sampled by the previous step, still on the device; `carry` names those rows and the
+  previous step's token rows, and the replay gathers them on the device before running.
+
+Without CUDA (or with `use_graphs=False`) `DecodeGraphs.run` runs the model eagerly on the same
+padded static buffers: the CPU tests check the padding rules that way.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from radixserve.runtime.cascade import CascadeInfo
+from radixserve.runtime.forward_batch import ForwardBatch, fill_rows
+from radixserve.runtime.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DecodeGraphs",
+    "DecodeRows",
+    "HostDecodeInputs",
+    "build_host_inputs",
+    "bucket_for",
+    "capture_batch_sizes",
+    "group_cap",
+    "split_groups",
+]
+
+# Rows of the i64 static buffer.
+_IDS, _POS, _SLOTS, _CARRY_DST, _CARRY_SRC = range(5)
+
+
+def capture_batch_sizes(max_bs: int) -> tuple[int, ...]:
+    """The batch sizes graphs are captured for: 1, 2, 4, 8, then steps of 8 to 32, of 16 to 128,
+    of 32 beyond, capped at `max_bs`, which is always included. Padding wastes at most ~1/5 of
+    a step's rows above 32."""
+    if max_bs < 1:
+        raise ValueError(f"max_bs must be positive, got {max_bs}")
+    sizes = [1, 2, 4, 8, *range(16, 33, 8), *range(48, 129, 16), *range(160, max_bs + 1, 32)]
+    return tuple(sorted({s for s in sizes if s <= max_bs} | {max_bs}))
+
+
+def bucket_for(batch_size: int, sizes: Sequence[int]) -> int | None:
+    """The smallest captured size >= batch_size (None when the batch is larger than all).
+    `sizes` must be sorted ascending."""
+    if batch_size < 1:
+        return None
+    i = bisect.bisect_left(sizes, batch_size)
+    return sizes[i] if i < len(sizes) else None
+
+
+def group_cap(num_heads: int, num_kv_heads: int) -> int:
+    """Requests per cascade group in graphs: as many as one 64-row prefix tile holds (each
+    request brings num_heads / num_kv_heads query rows per KV head)."""
+    return max(1, 64 // max(1, num_heads // num_kv_heads))
+
+
+def split_groups(groups: Sequence[tuple[int, int, int]], cap: int) -> list[tuple[int, int, int]]:
+    """Cut (start, end, prefix_pages) groups into chunks of at most `cap` rows, in order.
+    Groups without a prefix become one chunk per row (each row is then its own group)."""
+    out: list[tuple[int, int, int]] = []
+    for start, end, pages in groups:
+        step = cap if pages > 0 else 1
+        for s in range(start, end, step):
+            out.append((s, min(s + step, end), pages))
+    return out
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """A decode batch on the host, in the order its rows run.
+
+    Row i adds token `token_ids[i]` at position `seq_lens[i] - 1`; `pages[i]` lists the pool
+    pages of the whole sequence (at least ceil(seq_lens[i] / page_size); extra ones ignored).
+    """
+
+    token_ids: Sequence[int]
+    seq_lens: Sequence[int]
+    pages: Sequence[Sequence[int]]
+
+    def __len__(self) -> int:
+        return len(self.seq_lens)
+
+
+@dataclass(frozen=True)
+class HostDecodeInputs:
+    """The host side of one replay: what is copied into the static buffers.
+
+    `i64` [5, max_bs] and `i32` [4 * max_bs + 1] are whole buffers (columns past the bucket are
+    zero and unread); the page tables cover only the rows and columns in use:
+    `page_table` [bs, w] (plain) or `prefix_table` [groups, wp] and `suffix_table` [bs, ws]
+    (cascade). `num_carry` rows of carry dst/src are valid.
+    """
+
+    bucket: int
+    batch_size: int
+    i64: np.ndarray
+    i32: np.ndarray
+    page_table: np.ndarray | None
+    prefix_table: np.ndarray | None
+    suffix_table: np.ndarray | None
+    num_carry: int
+
+    @property
+    def cascade(self) -> bool:
+        return self.prefix_table is not None
+
+
+def build_host_inputs(
+    rows: DecodeRows,
+    groups: Sequence[tuple[int, int, int]] | None,
+    bucket: int,
+    max_bs: int,
+    page_size: int,
+    dummy_slot: int,
+    carry: Sequence[tuple[int, int]] = (),
+) -> HostDecodeInputs:
+    """Pad one decode batch to `bucket` rows (see the module docstring for the padding rules).
+
+    `groups` (cascade graphs only) are (start, end, prefix_pages) over rows, contiguous,
+    covering every row, already cut to the graph's group cap (`split_groups`). `carry` lists
+    (row, source token row of the previous step). Pure: reads only its arguments.
+    """
+    bs = len(rows)
+    if not 1 <= bs <= bucket <= max_bs:
+        raise ValueError(f"build_host_inputs: need 1 <= batch {bs} <= bucket {bucket} <= max_bs {max_bs}")
+    seq_lens = np.fromiter(rows.seq_lens, dtype=np.int64, count=bs)
+    if (seq_lens < 1).any():
+        raise ValueError("build_host_inputs: every decode row needs seq_len >= 1")
+    need = -(-seq_lens // page_size)
+    positions = seq_lens - 1
+    last_pages = np.fromiter((p[k - 1] for p, k in zip(rows.pages, need.tolist())), dtype=np.int64, count=bs)
+
+    i64 = np.zeros((5, max_bs), dtype=np.int64)
+    i64[_IDS, :bs] = rows.token_ids
+    i64[_POS, :bs] = positions
+    i64[_SLOTS, :bs] = last_pages * page_size + positions % page_size
+    i64[_SLOTS, bs:bucket] = dummy_slot
+    for k, (dst, src) in enumerate(carry):
+        i64[_CARRY_DST, k] = dst
+        i64[_CARRY_SRC, k] = src
+
+    i32 = np.zeros(4 * max_bs + 1, dtype=np.int32)
+    seq_view, prefix_view, suffix_view = (i32[j * max_bs : (j + 1) * max_bs] for j in range(3))
+    cu_view = i32[3 * max_bs :]
+    seq_view[:bs] = seq_lens
+    page_table = prefix_table = suffix_table = None
+    if groups is None:
+        page_table = fill_rows(rows.pages, need, int(need.max()))
+    else:
+        if len(groups) > bucket:
+            raise ValueError(f"build_host_inputs: {len(groups)} groups do not fit {bucket} group slots")
+        shared = np.zeros(bs, dtype=np.int64)
+        heads: list[Sequence[int]] = []
+        prefix_pages = np.zeros(len(groups), dtype=np.int64)
+        expected_start = 0
+        for g, (start, end, pages) in enumerate(groups):
+            if start != expected_start or end <= start:
+                raise ValueError(f"build_host_inputs: groups must cover the rows in order, got {list(groups)}")
+            expected_start = end
+            shared[start:end] = pages
+            prefix_pages[g] = pages
+            heads.append(rows.pages[start])
+            cu_view[g] = start
+            prefix_view[g] = pages * page_size
+        if expected_start != bs:
+            raise ValueError(f"build_host_inputs: groups cover {expected_start} of {bs} rows")
+        cu_view[len(groups) :] = bs  # unused group slots are empty
+        suffix_view[:bs] = seq_lens - shared * page_size
+        if (suffix_view[:bs] < 1).any():
+            raise ValueError("build_host_inputs: every row keeps at least its new token in its suffix")
+        prefix_table = fill_rows(heads, prefix_pages, int(prefix_pages.max()))
+        suffix_table = fill_rows([p[s:] for p, s in zip(rows.pages, shared.tolist())], need - shared,
+                                 int((need - shared).max()))
+    return HostDecodeInputs(bucket, bs, i64, i32, page_table, prefix_table, suffix_table, len(carry))
+
+
+class DecodeGraphs:
+    """Static buffers and one captured graph per (bucket, cascade) for decode batches.
+
+    Not thread-safe: only the engine thread replays. `run` returns the logits rows of the real
+    batch, a view valid until the next `run` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        *,
+        max_bs: int,
+        max_model_len: int,
+        dummy_page: int,
+        num_heads: int,
+        num_kv_heads: int,
+        cascade: bool = True,
+        use_graphs: bool | None = None,
+        sizes: Sequence[int] | None = None,
+    ) -> None:
+        if not 0 <= dummy_page < kv_cache.num_pages:
+            raise ValueError(f"dummy_page {dummy_page} is not a page of the pool ({kv_cache.num_pages} pages)")
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = kv_cache.device
+        self.page_size = kv_cache.page_size
+        self.max_model_len = max_model_len
+        self.sizes = tuple(sorted(sizes)) if sizes is not None else capture_batch_sizes(max_bs)
+        self.max_bs = self.sizes[-1]
+        self.dummy_slot = dummy_page * self.page_size
+        self.group_cap = group_cap(num_heads, num_kv_heads)
+        self.cascade = cascade
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        if self.use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.max_pages = -(-max_model_len // self.page_size)
+        dev, m = self.device, self.max_bs
+        self.i64 = torch.zeros(5, m, dtype=torch.int64, device=dev)
+        self.i64[_SLOTS].fill_(self.dummy_slot)
+        self.i32 = torch.zeros(4 * m + 1, dtype=torch.int32, device=dev)
+        self.page_table = torch.zeros(m, self.max_pages, dtype=torch.int32, device=dev)
+        self.prefix_table = torch.zeros(m, self.max_pages, dtype=torch.int32, device=dev) if cascade else None
+        self.suffix_table = torch.zeros(m, self.max_pages, dtype=torch.int32, device=dev) if cascade else None
+        self._ones = torch.ones(m, dtype=torch.int32, device=dev)
+        self._cu_extend = torch.arange(m + 1, dtype=torch.int32, device=dev)
+        self._rows = torch.arange(m, dtype=torch.int64, device=dev)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self._pool = None
+        self.replays = 0
+
+    # ------------------------------------------------------------------ static batches
+    def forward_batch(self, bucket: int, cascade: bool) -> ForwardBatch:
+        """The ForwardBatch of views into the static buffers that graph (bucket, cascade) runs."""
+        m, b = self.max_bs, bucket
+        info = None
+        if cascade:
+            info = CascadeInfo(
+                prefix_page_table=self.prefix_table[:b],
+                prefix_lens=self.i32[m : m + b],
+                cu_groups=self.i32[3 * m : 3 * m + b + 1],
+                suffix_page_table=self.suffix_table[:b],
+                suffix_lens=self.i32[2 * m : 2 * m + b],
+                max_prefix_len=self.max_model_len,
+                max_suffix_len=self.max_model_len,
+                max_group_size=min(self.group_cap, b),
+            )
+        return ForwardBatch(
+            input_ids=self.i64[_IDS, :b],
+            positions=self.i64[_POS, :b],
+            out_slots=self.i64[_SLOTS, :b],
+            page_table=self.page_table[:b],
+            seq_lens=self.i32[:b],
+            extend_lens=self._ones[:b],
+            cu_extend=self._cu_extend[: b + 1],
+            logits_indices=self._rows[:b],
+            seq_lens_cpu=(0,) * b,
+            extend_lens_cpu=(1,) * b,
+            page_size=self.page_size,
+            cascade=info,
+            seq_len_bound=self.max_model_len,
+        )
+
+    # ------------------------------------------------------------------ capture
+    def capture(self) -> None:
+        """Capture every (bucket, cascade) graph, largest first so the smaller ones reuse the
+        pool's memory. A no-op without CUDA graphs. The static buffers hold padding (seq_len 0,
+        dummy slot, empty groups) while capturing, so the warm-up runs touch only the dummy page."""
+        if not self.use_graphs:
+            return
+        t0 = time.perf_counter()
+        self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        kinds = (False, True) if self.cascade else (False,)
+        with torch.inference_mode():
+            for bucket in reversed(self.sizes):
+                for cascade in kinds:
+                    batch = self.forward_batch(bucket, cascade)
+                    # Warm up off the capture (Triton compiles each specialization on first use).
+                    stream.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(stream):
+                        self.model(batch, self.kv_cache)
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                        out = self.model(batch, self.kv_cache)
+                    self._graphs[(bucket, cascade)] = graph
+                    self._outputs[(bucket, cascade)] = out
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self._graphs),
+                    ",".join(map(str, self.sizes)), time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ replay
+    def bucket(self, batch_size: int) -> int | None:
+        return bucket_for(batch_size, self.sizes)
+
+    def run(
+        self,
+        rows: DecodeRows,
+        groups: Sequence[tuple[int, int, int]] | None,
+        carry: Sequence[tuple[int, int]] = (),
+        carry_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [len(rows), vocab] fp32 of one decode batch (rows in run order).
+
+        `groups` is the cascade plan's groups over the rows (None: plain decode); `carry` lists
+        (row, index into `carry_tokens`) for rows whose input token is still on the device.
+        """
+        bucket = self.bucket(len(rows))
+        if bucket is None:
+            raise ValueError(f"decode batch of {len(rows)} exceeds the largest graph ({self.max_bs})")
+        cascade = groups is not None
+        if cascade and not self.cascade:
+            raise ValueError("cascade graphs were not captured")
+        if cascade:
+            groups = split_groups(groups, self.group_cap)
+        host = build_host_inputs(rows, groups, bucket, self.max_bs, self.page_size, self.dummy_slot, carry)
+        self._upload(host)
+        if host.num_carry:
+            if carry_tokens is None:
+                raise ValueError("carry rows given without carry_tokens")
+            n = host.num_carry
+            ids = self.i64[_IDS]
+            ids.index_copy_(0, self.i64[_CARRY_DST, :n], carry_tokens.index_select(0, self.i64[_CARRY_SRC, :n]))
+        key = (bucket, cascade)
+        self.replays += 1
+        if self.use_graphs:
+            if key not in self._graphs:
+                raise RuntimeError(f"no graph captured for batch size {bucket} (cascade={cascade})")
+            self._graphs[key].replay()
+            out = self._outputs[key]
+        else:
+            out = self.model(self.forward_batch(bucket, cascade), self.kv_cache)
+        return out[: len(rows)]
+
+    def _upload(self, host: HostDecodeInputs) -> None:
+        copy = _copier(self.device)
+        copy(self.i64, host.i64)
+        copy(self.i32, host.i32)
+        if host.page_table is not None:
+            pairs = [(self.page_table, host.page_table)]
+        else:
+            pairs = [(self.prefix_table, host.prefix_table), (self.suffix_table, host.suffix_table)]
+        for dst, src in pairs:
+            if src.shape[1] > self.max_pages:
+                raise ValueError(f"a page table row of {src.shape[1]} pages exceeds max_model_len "
+                                 f"({self.max_pages} pages)")
+            copy(dst[: src.shape[0], : src.shape[1]], src)
+
+
+def _copier(device: torch.device):  # noqa: ANN202 - a small closure
+    """copy(dst_view, numpy array): pinned non-blocking on CUDA, a plain copy on the CPU."""
+    if device.type == "cuda":
+
+        def copy(dst: torch.Tensor, src: np.ndarray) -> None:
+            dst.copy_(torch.from_numpy(src).pin_memory(), non_blocking=True)
+
+    else:
+
+        def copy(dst: torch.Tensor, src: np.ndarray) -> None:
+            dst.copy_(torch.from_numpy(src))
+
+    return copy

@@ -1,0 +1,319 @@
+"""One step on the device: build the batch, run the model, apply grammar masks, sample.
+
+    ScheduledBatch --build_forward_batch--> ForwardBatch --model--> logits rows
+        rows of each request: new tokens logits_from .. num_new-1 (see ScheduledSeq)
+        a decode batch whose requests share cached prefixes is reordered into groups and
+        runs shared-prefix (cascade) attention; results are put back in batch order
+        a decode batch (one new token and one logits row per request) replays a CUDA graph
+        captured at start-up (runtime/cuda_graphs.py) instead of launching kernels
+        last row of a sampling request -> mask (grammar) -> sampler -> next token
+        other rows -> prompt log-probabilities of the tokens they predict
+
+`launch` enqueues a step and returns at once with a `PendingStep`; the sampled tokens and
+log-probabilities come back to the host in one transfer per step, which `PendingStep.result`
+waits for. Between the two the host is free to prepare the next step (see engine_loop.py).
+A step's input tokens may be "carried": tokens the previous step sampled that are still on
+the device (the host has not read them yet), gathered into the inputs on the device.
+
+Nothing between `launch` and `result` makes the host wait for the device: host-to-device
+copies come from pinned memory, index tensors are never built from Python lists on the device,
+and the readback goes to pinned memory behind an event. (Prompt log-probabilities, rare, are
+read back at once.)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from radixserve.runtime.cascade import CascadePlan, build_cascade_info, plan_cascade
+from radixserve.runtime.constraints import allocate_bitmask, apply_bitmask
+from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows
+from radixserve.runtime.forward_batch import SeqStep, build_forward_batch
+from radixserve.runtime.kv_cache import KVCache
+from radixserve.runtime.outputs import TokenLogprob
+from radixserve.runtime.sampler import SampleOutput, Sampler, SamplingBatch, prompt_logprobs
+from radixserve.runtime.scheduler import ScheduledBatch, ScheduledSeq
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Per scheduled seq (same order as the batch): the sampled token (None when the seq did
+    not sample), its log-probability entry (None unless asked), and prompt log-probabilities
+    of the rows before it (empty unless asked)."""
+
+    token_ids: list[int | None]
+    logprobs: list[TokenLogprob | None]
+    prompt_logprobs: list[list[TokenLogprob]]
+
+
+@dataclass(frozen=True)
+class Carry:
+    """Input tokens still on the device: the request (by `id`) of each key holds, as its last
+    token, a placeholder for the token `previous` sampled for it. Rows that compute such a
+    last token take it from `previous.device_token_ids` instead of the host value."""
+
+    previous: "PendingStep"
+    request_ids: frozenset[int]
+
+
+@dataclass
+class PendingStep:
+    """A launched step. `result()` waits for its one readback and returns the StepOutput in
+    batch order; it may be called once. `sample_row` maps id(request) to the row of
+    `device_token_ids` that holds the token sampled for it (the rows of a carry)."""
+
+    batch: ScheduledBatch
+    order: list[int] | None  # run row j is batch index order[j] (cascade plans reorder)
+    sample_idx: list[int]  # run rows that sampled, in sample-row order
+    device_token_ids: torch.Tensor | None
+    host: SampleOutput | None  # pinned host copies (or CPU tensors) of the sample
+    event: "torch.cuda.Event | None"
+    prompt_lps: list[list[TokenLogprob]]
+    sample_row: dict[int, int] = field(default_factory=dict)
+    graph: bool = False
+    wait_s: float = 0.0  # how long `result` waited for the device
+    # With ModelRunner.profile: events around the step's device work, and its device time
+    # (known after `result`; includes any gap the host left between the step's kernels).
+    start_event: "torch.cuda.Event | None" = None
+    device_s: float | None = None
+
+    def result(self) -> StepOutput:
+        n = len(self.batch.seqs)
+        token_ids: list[int | None] = [None] * n
+        logprobs: list[TokenLogprob | None] = [None] * n
+        if self.host is not None:
+            if self.event is not None:
+                t0 = time.perf_counter()
+                self.event.synchronize()
+                self.wait_s = time.perf_counter() - t0
+                if self.start_event is not None:
+                    self.device_s = self.start_event.elapsed_time(self.event) / 1e3
+            sampled = self.host.to_host()  # host tensors only: no device access
+            for j, i in enumerate(self.sample_idx):
+                token_ids[i] = sampled.token_ids[j]
+                if sampled.logprobs is not None:
+                    logprobs[i] = sampled.logprobs[j]
+        prompt_lps = self.prompt_lps
+        if self.order is None:
+            return StepOutput(token_ids, logprobs, prompt_lps)
+        # Undo the plan's order: run row j belongs to batch index order[j].
+        out_t: list[int | None] = [None] * n
+        out_l: list[TokenLogprob | None] = [None] * n
+        out_p: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        for j, i in enumerate(self.order):
+            out_t[i], out_l[i], out_p[i] = token_ids[j], logprobs[j], prompt_lps[j]
+        return StepOutput(out_t, out_l, out_p)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        page_size: int,
+        device: torch.device,
+        vocab_size: int,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.page_size = page_size
+        self.device = device
+        self.vocab_size = vocab_size
+        self.sampler = Sampler(seed=seed)
+        self.cascade_steps = 0  # decode steps that ran shared-prefix attention (metrics)
+        self.graph_steps = 0  # steps that replayed a CUDA graph (metrics)
+        self.graphs: DecodeGraphs | None = None
+        # Benchmarks: time each step's device work with CUDA events (PendingStep.device_s).
+        self.profile = False
+
+    def enable_cuda_graphs(self, *, max_bs: int, max_model_len: int, dummy_page: int, num_heads: int,
+                           num_kv_heads: int, use_graphs: bool | None = None) -> DecodeGraphs:
+        """Capture decode graphs for batch sizes up to `max_bs` (see runtime/cuda_graphs.py).
+        `dummy_page` must be a page of the KV pool that the allocator never hands out."""
+        graphs = DecodeGraphs(
+            self.model, self.kv_cache, max_bs=max_bs, max_model_len=max_model_len, dummy_page=dummy_page,
+            num_heads=num_heads, num_kv_heads=num_kv_heads, use_graphs=use_graphs,
+        )
+        graphs.capture()
+        self.graphs = graphs
+        return graphs
+
+    def run(self, batch: ScheduledBatch) -> StepOutput:
+        """One step, synchronously: launch and wait for the result."""
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, carry: Carry | None = None) -> PendingStep:
+        """Enqueue one step (forward, masks, sampling, readback) and return without waiting."""
+        seqs = list(batch.seqs)
+        plan = self._plan_cascade(seqs)
+        if plan is not None:
+            self.cascade_steps += 1
+            seqs = [seqs[i] for i in plan.order]
+        pending = self._launch(seqs, plan, carry)
+        pending.batch = batch
+        pending.order = plan.order if plan is not None else None
+        return pending
+
+    def _plan_cascade(self, seqs: list[ScheduledSeq]) -> CascadePlan | None:
+        """A cascade plan when this is a decode batch whose requests share cached prefixes."""
+        if len(seqs) < 2 or any(s.num_new != 1 for s in seqs):
+            return None
+        if len({s.request.pages[0] for s in seqs}) == len(seqs):
+            return None  # no two requests start on the same page: nothing is shared (O(n) check)
+        plan = plan_cascade([s.request.pages for s in seqs], [s.end for s in seqs], self.page_size)
+        return plan if plan.shares else None
+
+    def _use_graph(self, seqs: list[ScheduledSeq], plan: CascadePlan | None) -> bool:
+        """Decode rows only, one logits row each, a captured size that holds them, and cascade
+        graphs for a cascade plan."""
+        return (
+            self.graphs is not None
+            and (plan is None or self.graphs.cascade)
+            and all(s.num_new == 1 and s.logits_from == 0 for s in seqs)
+            and self.graphs.bucket(len(seqs)) is not None
+        )
+
+    def _forward(self, seqs: list[ScheduledSeq], plan: CascadePlan | None,
+                 carry: Carry | None) -> tuple[torch.Tensor, list[int], bool]:
+        """(logits rows, row_start, replayed a graph): seq i owns rows row_start[i]..row_start[i+1]-1."""
+        # Rows whose last new token is a placeholder for a token still on the device.
+        carried: list[tuple[int, int]] = []  # (seq index, row of carry.previous.device_token_ids)
+        if carry is not None:
+            rows_of = carry.previous.sample_row
+            for i, s in enumerate(seqs):
+                rid = id(s.request)
+                if rid in carry.request_ids and s.end == s.request.num_tokens and rid in rows_of:
+                    carried.append((i, rows_of[rid]))
+        carry_tokens = carry.previous.device_token_ids if carried else None
+
+        if self._use_graph(seqs, plan):
+            assert self.graphs is not None
+            rows = DecodeRows(
+                token_ids=[s.request.token_at(s.start) for s in seqs],
+                seq_lens=[s.end for s in seqs],
+                pages=[s.request.pages for s in seqs],
+            )
+            logits = self.graphs.run(rows, plan.groups if plan is not None else None, carried, carry_tokens)
+            return logits, list(range(len(seqs) + 1)), True
+
+        steps = [
+            SeqStep(
+                token_ids=s.request.tokens(s.start, s.end),
+                start=s.start,
+                pages=s.request.pages,
+                logits_from=s.logits_from if s.logits_from < s.num_new else None,
+            )
+            for s in seqs
+        ]
+        forward_batch = build_forward_batch(steps, self.page_size, self.device)
+        if plan is not None:
+            cascade = build_cascade_info(
+                plan, [s.request.pages for s in seqs], [s.end for s in seqs], self.page_size, self.device
+            )
+            forward_batch = replace(forward_batch, cascade=cascade)
+        if carried:
+            # The last new token of seq i sits at token row cu_extend[i + 1] - 1.
+            ends = np.cumsum([s.num_new for s in seqs])
+            dst = self._index([int(ends[i]) - 1 for i, _ in carried])
+            src = self._index([j for _, j in carried])
+            assert carry_tokens is not None
+            forward_batch.input_ids.index_copy_(0, dst, carry_tokens.index_select(0, src))
+        logits = self.model(forward_batch, self.kv_cache)
+        row_start = [0]
+        for s in seqs:
+            row_start.append(row_start[-1] + (s.num_new - s.logits_from))
+        return logits, row_start, False
+
+    def _index(self, values: Sequence[int]) -> torch.Tensor:
+        """An int64 index tensor on the device without a synchronizing copy."""
+        t = torch.tensor(values, dtype=torch.int64)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _launch(self, seqs: list[ScheduledSeq], plan: CascadePlan | None, carry: Carry | None) -> PendingStep:
+        start_event = None
+        if self.profile and self.device.type == "cuda":
+            start_event = torch.cuda.Event(enable_timing=True)
+            start_event.record()
+        logits, row_start, graph = self._forward(seqs, plan, carry)
+        if graph:
+            self.graph_steps += 1
+        sample_idx = [i for i, s in enumerate(seqs) if s.sample and s.request.params.max_tokens > 0]
+        sample_rows = [row_start[i + 1] - 1 for i in sample_idx]
+
+        device_tokens = host = event = None
+        sample_row: dict[int, int] = {}
+        if sample_idx:
+            reqs = [seqs[i].request for i in sample_idx]
+            if sample_rows == list(range(logits.shape[0])):
+                sample_logits = logits  # every row samples (decode): no gather, no index upload
+            else:
+                sample_logits = logits.index_select(0, self._index(sample_rows))
+            mask_rows = [j for j, r in enumerate(reqs) if r.matcher is not None]
+            if mask_rows:
+                bitmask = allocate_bitmask(len(reqs), self.vocab_size)
+                for j in mask_rows:
+                    reqs[j].matcher.fill_bitmask(bitmask, j)
+                apply_bitmask(sample_logits, bitmask, mask_rows)
+            penalized = any(r.params.uses_penalties for r in reqs)
+            if not penalized and all(r.params.greedy and r.params.logprobs is None for r in reqs):
+                # Plain greedy rows (the benchmarks' case): what Sampler.sample computes for them,
+                # without building and uploading five per-row setting tensors every step.
+                out = SampleOutput(sample_logits.argmax(dim=-1), num_logprobs=(None,) * len(reqs))
+            else:
+                sampling = SamplingBatch.build(
+                    [r.params for r in reqs],
+                    output_token_ids=[r.output_ids for r in reqs] if penalized else None,
+                    prompt_token_ids=[r.prompt_ids for r in reqs] if penalized else None,
+                    generators=[r.generator for r in reqs],
+                )
+                out = self.sampler.sample(sample_logits, sampling)
+            device_tokens = out.token_ids
+            host, event = self._read_back(out, timed=start_event is not None)
+            sample_row = {id(r): j for j, r in enumerate(reqs)}
+
+        prompt_lps: list[list[TokenLogprob]] = [[] for _ in seqs]
+        for i, s in enumerate(seqs):
+            req = s.request
+            if req.params.prompt_logprobs is None:
+                continue
+            first_pos = s.start + s.logits_from
+            rows = [
+                (row_start[i] + j, first_pos + j + 1)
+                for j in range(s.num_new - s.logits_from)
+                if first_pos + j + 1 < len(req.prompt_ids)
+            ]
+            if rows:
+                prompt_lps[i] = prompt_logprobs(
+                    logits.index_select(0, self._index([r for r, _ in rows])),
+                    self._index([req.prompt_ids[p] for _, p in rows]),
+                    req.params.prompt_logprobs,
+                )
+        return PendingStep(ScheduledBatch(()), None, sample_idx, device_tokens, host, event, prompt_lps,
+                           sample_row, graph, start_event=start_event if event is not None else None)
+
+    def _read_back(self, out: SampleOutput, timed: bool = False) -> tuple[SampleOutput, "torch.cuda.Event | None"]:
+        """Start the step's device-to-host copies (into pinned memory) and mark their end."""
+        if self.device.type != "cuda":
+            return out, None
+
+        def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            return h
+
+        host = replace(out, token_ids=pinned(out.token_ids), logprobs=pinned(out.logprobs),
+                       top_ids=pinned(out.top_ids), top_logprobs=pinned(out.top_logprobs))
+        event = torch.cuda.Event(enable_timing=timed)
+        event.record()
+        return host, event

@@ -1,0 +1,148 @@
+"""Turns a sampled token into a request's output: grammar, detokenization, stop checks.
+
+Called by the engine loop once per sampled request per step, on the engine thread. The order
+matters and is the same for every request:
+
+    sampled token -> grammar consumes it (and may force more tokens: fast-forward)
+                  -> stop token / EOS? -> detokenize -> stop string? -> max_tokens / context?
+                  -> one StreamDelta with the new text, ids and logprobs
+
+Stop tokens never reach the text; a matched stop string is cut from it (unless the request
+asked to include it); text held back by the stop checker is flushed when the request ends.
+
+A grammar matcher that is in error (llguidance hit a resource limit while computing the mask or
+consuming a token: the mask then allows only EOS) ends the request with finish_reason "error"
+and the matcher's message, never as a normal "stop" on that EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from radixserve.runtime.outputs import FinishReason, StreamDelta, TokenLogprob
+from radixserve.runtime.request import Request
+
+
+@dataclass(frozen=True)
+class OutputLimits:
+    """Engine-wide facts the per-token checks need."""
+
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+
+
+def process_sampled_token(
+    req: Request, token_id: int, logprob: TokenLogprob | None, limits: OutputLimits
+) -> StreamDelta:
+    """Append `token_id` (plus any grammar-forced tokens) to `req` and return the delta to
+    emit. Sets `req.finish_reason` when the request must end; the caller releases it."""
+    params = req.params
+    if req.matcher is not None and req.matcher.is_error():
+        # Went into error while filling this step's mask: the token (EOS, the only one the
+        # mask allowed) is not output.
+        return final_delta(req, "error", grammar_error_message(req.matcher))
+    new_ids = [token_id]
+    new_logprobs = [logprob] if logprob is not None else []
+    finish: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+    ended_by_token = False
+    if token_id in params.stop_token_ids:
+        finish, stop_reason, ended_by_token = "stop", token_id, True
+    elif token_id in limits.eos_token_ids and not params.ignore_eos:
+        finish, ended_by_token = "stop", True
+    elif req.matcher is not None:
+        finish, error = _advance_grammar(req, new_ids, new_logprobs)
+        if finish == "error":
+            return final_delta(req, "error", error)
+
+    budget = min(params.max_tokens - len(req.output_ids), limits.max_model_len - req.num_tokens)
+    del new_ids[max(budget, 1) :]  # forced tokens never overrun max_tokens or the context
+    del new_logprobs[len(new_ids) :]
+    req.output_ids.extend(new_ids)
+    if req.logprobs is not None:
+        req.logprobs.extend(new_logprobs)
+
+    # A stop token or EOS ends the text without appearing in it.
+    text, matched = ("", None) if ended_by_token else req.stop_checker.feed(req.detokenizer.push(new_ids))
+    if matched is not None:
+        finish, stop_reason = "stop", matched
+    if finish is None and (
+        len(req.output_ids) >= params.max_tokens or req.num_tokens >= limits.max_model_len
+    ):
+        finish = "length"
+    if finish is not None:
+        if matched is None:  # release what the detokenizer still holds (half a character)
+            tail, matched = req.stop_checker.feed(req.detokenizer.flush())
+            text += tail
+            if matched is not None:
+                stop_reason = matched
+        if matched is None:
+            text += req.stop_checker.flush()
+        req.finish_reason, req.stop_reason = finish, stop_reason
+    return StreamDelta(
+        request_id=req.request_id,
+        index=req.index,
+        text=text,
+        token_ids=new_ids,
+        finish_reason=finish,
+        stop_reason=stop_reason,
+        logprobs=new_logprobs if req.logprobs is not None else None,
+        prompt_tokens=len(req.prompt_ids),
+        cached_tokens=req.cached_tokens or 0,
+        completion_tokens=len(req.output_ids),
+        prompt_logprobs=req.prompt_logprobs if finish is not None else None,
+        prompt_token_ids=req.prompt_ids if finish is not None else None,
+    )
+
+
+def grammar_error_message(matcher: Any, context: str = "") -> str:
+    """The finish "error" message for a matcher in error: llguidance's own words (its first
+    line; what follows is a debugging trailer)."""
+    message = (matcher.error() or "").strip().splitlines()
+    return f"constraint: {context}{message[0] if message else 'the grammar matcher failed'}"
+
+
+def _advance_grammar(
+    req: Request, new_ids: list[int], new_logprobs: list[TokenLogprob]
+) -> tuple[FinishReason | None, str | None]:
+    """Consume the sampled token and append the forced ones: (finish, error message). The
+    finish is "error" when the matcher refused a token or went into error on the way (a
+    resource limit); nothing more is appended then."""
+    matcher = req.matcher
+    if not matcher.consume(new_ids[0]):
+        return "error", grammar_error_message(matcher, f"sampled token {new_ids[0]} refused: ")
+    if matcher.is_error():
+        return "error", grammar_error_message(matcher)
+    if matcher.is_finished():
+        return "stop", None
+    forced = matcher.forced_tokens()
+    if matcher.is_error():
+        return "error", grammar_error_message(matcher)
+    for tok in forced:
+        if not matcher.consume(tok):
+            return "error", grammar_error_message(matcher, f"forced token {tok} refused: ")
+        new_ids.append(tok)
+        new_logprobs.append(TokenLogprob(tok, 0.0))
+    return ("stop" if forced and matcher.is_finished() else None), None
+
+
+def final_delta(req: Request, reason: FinishReason, error: str | None = None) -> StreamDelta:
+    """The closing delta of a request ended from outside (abort, error, max_tokens == 0)."""
+    req.finish_reason = reason
+    req.error = error
+    text = req.stop_checker.flush() if req.stop_checker is not None and reason != "error" else ""
+    return StreamDelta(
+        request_id=req.request_id,
+        index=req.index,
+        text=text,
+        token_ids=[],
+        finish_reason=reason,
+        prompt_tokens=len(req.prompt_ids),
+        cached_tokens=req.cached_tokens or 0,
+        completion_tokens=len(req.output_ids),
+        prompt_logprobs=req.prompt_logprobs,
+        prompt_token_ids=req.prompt_ids,
+        error=error,
+    )

@@ -1,0 +1,324 @@
+"""Paged attention ops: Triton (interpreted on CPU) vs the PyTorch reference vs float64 oracles."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from kernel_test_utils import DEVICE, TOL, assert_close, gpu, make_paged_batch, naive_extend
+from radixserve.kernels import (
+    decode_attention,
+    decode_attention_reference,
+    extend_attention,
+    extend_attention_reference,
+    merge_attention_states,
+    merge_attention_states_reference,
+    shared_prefix_decode_attention,
+    shared_prefix_decode_attention_reference,
+)
+
+decode_mod = importlib.import_module("radixserve.kernels.decode_attention")
+extend_mod = importlib.import_module("radixserve.kernels.extend_attention")
+shared_mod = importlib.import_module("radixserve.kernels.shared_prefix_attention")
+
+# (seq_lens, extend_lens): decode rows, a long prefill, prefix hits, and lengths that end exactly
+# on / just past a page boundary for page sizes 4 and 16.
+MIXED = ([17, 40, 37, 32, 33, 1], [1, 40, 5, 16, 33, 1])
+
+
+def _extend_args(b):
+    return (b.q, b.k_cache, b.v_cache, b.page_table, b.seq_lens, b.extend_lens, b.cu_extend,
+            b.max_extend_len, b.sm_scale)
+
+
+# ---------------------------------------------------------------- extend attention
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_extend_reference_matches_dense_float64(page_size, group):
+    b = make_paged_batch(*MIXED, page_size=page_size, num_kv_heads=2, group=group, head_dim=16, device="cpu",
+                         seed=page_size * 10 + group)
+    out = extend_attention_reference(*_extend_args(b))
+    assert out.dtype == b.q.dtype
+    assert_close(out, naive_extend(b), 1e-5, "reference vs float64")
+
+
+@pytest.mark.parametrize("page_size,group", [(1, 3), (4, 1), (16, 4)])
+def test_extend_triton_matches_reference_fp32(page_size, group):
+    b = make_paged_batch(*MIXED, page_size=page_size, num_kv_heads=2, group=group, head_dim=16, seed=group)
+    expected = extend_attention_reference(*_extend_args(b))
+    assert_close(extend_attention(*_extend_args(b)), expected, TOL[torch.float32], "triton vs reference")
+
+
+def test_extend_triton_small_blocks_odd_head_dim():
+    # Several key blocks in both phases (BLOCK_N 16 < prefix), head_dim 24 (not a power of 2).
+    b = make_paged_batch([75, 40], [22, 40], page_size=4, num_kv_heads=1, group=3, head_dim=24, seed=5)
+    expected = extend_attention_reference(*_extend_args(b))
+    out = extend_mod.extend_attention_impl(*_extend_args(b), block_m=16, block_n=16)
+    assert_close(out, expected, TOL[torch.float32], "small blocks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_extend_triton_half_precision(dtype):
+    b = make_paged_batch(*MIXED, page_size=4, num_kv_heads=2, group=2, head_dim=32, dtype=dtype, seed=7)
+    out = extend_attention(*_extend_args(b))
+    assert out.dtype == dtype
+    assert_close(out, naive_extend(b).to(out.device), TOL[dtype], f"triton {dtype} vs float64")
+    assert_close(extend_attention_reference(*_extend_args(b)), naive_extend(b).to(out.device), TOL[dtype],
+                 f"reference {dtype} vs float64")
+
+
+def test_extend_strided_q_from_fused_qkv():
+    b = make_paged_batch([20, 9], [20, 3], page_size=4, num_kv_heads=1, group=2, head_dim=16, seed=3)
+    qkv = torch.randn(b.q.shape[0], 4, 16, device=b.q.device)
+    qkv[:, :2] = b.q
+    q_view = qkv[:, :2]
+    assert not q_view.is_contiguous()
+    args = list(_extend_args(b))
+    args[0] = q_view
+    assert_close(extend_attention(*args), extend_attention_reference(*_extend_args(b)), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_extend_gpu_sizes(head_dim, dtype, page_size):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    seq = [1500, 700, 2048, 129, 1, 64]
+    ext = [1500, 300, 2048, 1, 1, 63]
+    b = make_paged_batch(seq, ext, page_size=page_size, num_kv_heads=4, group=4, head_dim=head_dim, dtype=dtype)
+    out = extend_attention(*_extend_args(b))
+    assert_close(out, extend_attention_reference(*_extend_args(b)), TOL[dtype])
+
+
+for _mark in gpu:
+    test_extend_gpu_sizes = _mark(test_extend_gpu_sizes)
+
+
+# ---------------------------------------------------------------- decode attention
+
+DECODE_LENS = [1, 4, 16, 17, 31, 64, 65, 100]
+
+
+def _decode_batch(page_size, group, dtype=torch.float32, lens=DECODE_LENS, hkv=2, d=16, seed=0, device=DEVICE):
+    b = make_paged_batch(lens, [1] * len(lens), page_size=page_size, num_kv_heads=hkv, group=group,
+                         head_dim=d, dtype=dtype, seed=seed, device=device)
+    return b
+
+
+def _decode_args(b, max_seq_len=None):
+    return (b.q, b.k_cache, b.v_cache, b.page_table, b.seq_lens, b.sm_scale,
+            b.max_seq_len if max_seq_len is None else max_seq_len)
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_decode_reference_matches_dense_float64(page_size, group):
+    b = _decode_batch(page_size, group, seed=page_size + group, device="cpu")
+    expected = naive_extend(b)
+    assert_close(decode_attention_reference(*_decode_args(b)), expected, 1e-5, "reference vs float64")
+    # A loose upper bound (e.g. a CUDA-graph capacity) changes nothing.
+    assert_close(decode_attention_reference(*_decode_args(b, b.max_seq_len + 37)), expected, 1e-5, "loose bound")
+
+
+@pytest.mark.parametrize("page_size,group,splits", [(1, 4, 1), (4, 3, 3), (16, 1, 2), (16, 4, 5)])
+def test_decode_triton_matches_reference_fp32(page_size, group, splits):
+    b = _decode_batch(page_size, group, seed=splits)
+    expected = decode_attention_reference(*_decode_args(b))
+    out, lse = decode_mod.paged_decode_with_lse(*_decode_args(b), with_lse=True, num_splits=splits, block_n=16)
+    assert_close(out, expected, TOL[torch.float32], f"{splits} splits")
+    _, lse_ref = decode_mod._decode_reference_fp32(*_decode_args(b), True)
+    assert_close(lse, lse_ref.to(lse.device), 1e-5, "lse")
+
+
+def test_decode_public_launcher_default_tuning():
+    b = _decode_batch(4, 2, seed=11)
+    assert_close(decode_attention(*_decode_args(b, 4096)), decode_attention_reference(*_decode_args(b)),
+                 TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_triton_half_precision(dtype):
+    b = _decode_batch(4, 4, dtype=dtype, d=32, seed=2)
+    expected = naive_extend(b).to(b.q.device)
+    out, _ = decode_mod.paged_decode_with_lse(*_decode_args(b), with_lse=False, num_splits=2, block_n=16)
+    assert out.dtype == dtype
+    assert_close(out, expected, TOL[dtype], "triton")
+    assert_close(decode_attention_reference(*_decode_args(b)), expected, TOL[dtype], "reference")
+
+
+def test_decode_empty_sequence_gives_zeros():
+    # A padded batch row (seq_len 0, e.g. CUDA-graph padding) must give 0, not nan.
+    b = _decode_batch(4, 2, lens=[5, 9])
+    seq = b.seq_lens.clone()
+    seq[1] = 0
+    args = list(_decode_args(b))
+    args[4] = seq
+    for fn in (decode_attention, decode_attention_reference):
+        out = fn(*args)
+        assert torch.isfinite(out).all()
+        assert out[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_decode_gpu_sizes(page_size):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    lens = [4096, 1, 17, 3000, 65, 8191, 128, 129]
+    b = _decode_batch(page_size, 4, dtype=torch.bfloat16, lens=lens, hkv=8, d=128)
+    assert_close(decode_attention(*_decode_args(b)), decode_attention_reference(*_decode_args(b)),
+                 TOL[torch.bfloat16])
+
+
+for _mark in gpu:
+    test_decode_gpu_sizes = _mark(test_decode_gpu_sizes)
+
+
+# ---------------------------------------------------------------- shared prefix (cascade)
+
+def _cascade_case(page_size, group, groups, suffixes, dtype=torch.float32, hkv=2, d=16, seed=0, device=DEVICE):
+    """groups: prefix length (a multiple of page_size) per group; suffixes: per group, the
+    suffix lengths of its requests. Returns (args, full-sequence PagedBatch for oracles)."""
+    seq, owner = [], []
+    for g, (plen, sufs) in enumerate(zip(groups, suffixes)):
+        assert plen % page_size == 0
+        for s in sufs:
+            seq.append(plen + s)
+            owner.append(g)
+    b = make_paged_batch(seq, [1] * len(seq), page_size=page_size, num_kv_heads=hkv, group=group, head_dim=d,
+                         dtype=dtype, seed=seed, device=device)
+    # Make the requests of a group really share their prefix pages: copy the first request's.
+    pt = b.page_table.clone()
+    first = {}
+    for r, g in enumerate(owner):
+        npg = groups[g] // page_size
+        if g in first:
+            pt[r, :npg] = pt[first[g], :npg]
+        else:
+            first[g] = r
+    b.page_table = pt
+    # Rebuild the dense K/V through the shared table (the oracle reads what the kernels read).
+    pos_all = [torch.arange(n) for n in seq]
+    pt_cpu = pt.cpu()
+    b.dense_k = [b.k_cache.cpu()[pt_cpu[r, p // page_size].long(), p % page_size] for r, p in enumerate(pos_all)]
+    b.dense_v = [b.v_cache.cpu()[pt_cpu[r, p // page_size].long(), p % page_size] for r, p in enumerate(pos_all)]
+    prefix_pages = max(groups) // page_size
+    prefix_pt = torch.zeros(len(groups), max(prefix_pages, 1), dtype=torch.int32, device=device)
+    for g, r in first.items():
+        prefix_pt[g, : groups[g] // page_size] = pt[r, : groups[g] // page_size]
+    max_suffix_pages = max(-(-(n - groups[owner[r]]) // page_size) for r, n in enumerate(seq)) + 1
+    suffix_pt = torch.zeros(len(seq), max_suffix_pages, dtype=torch.int32, device=device)
+    for r, n in enumerate(seq):
+        start = groups[owner[r]] // page_size
+        npg = -(-n // page_size) - start
+        suffix_pt[r, :npg] = pt[r, start : start + npg]
+    counts = [len(s) for s in suffixes]
+    cu_groups = torch.tensor([0] + list(torch.cumsum(torch.tensor(counts), 0).tolist()), dtype=torch.int32,
+                             device=device)
+    suffix_lens = torch.tensor([n - groups[owner[r]] for r, n in enumerate(seq)], dtype=torch.int32, device=device)
+    args = (b.q, b.k_cache, b.v_cache, prefix_pt, torch.tensor(groups, dtype=torch.int32, device=device), cu_groups,
+            suffix_pt, suffix_lens, b.sm_scale, max(groups), int(suffix_lens.max()), max(counts))
+    return args, b
+
+
+CASCADE = ([16, 32, 0, 8], [[1, 5, 17], [4], [3, 9], [1, 2, 3, 4, 5, 6]])
+
+
+@pytest.mark.parametrize("page_size,group", [(1, 3), (4, 1), (8, 4)])
+def test_shared_prefix_reference_matches_float64(page_size, group):
+    args, b = _cascade_case(page_size, group, *CASCADE, device="cpu", seed=page_size)
+    expected = naive_extend(b)
+    assert_close(shared_prefix_decode_attention_reference(*args), expected, 1e-5, "cascade reference")
+    # ... and equals plain decode attention over the whole sequence.
+    assert_close(decode_attention_reference(*_decode_args(b)), expected, 1e-5, "decode reference")
+
+
+@pytest.mark.parametrize("page_size,group,splits", [(1, 3, (1, 1)), (4, 4, (2, 3)), (8, 1, (3, 1))])
+def test_shared_prefix_triton_matches_reference(page_size, group, splits):
+    args, b = _cascade_case(page_size, group, *CASCADE, seed=page_size + 1)
+    expected = shared_prefix_decode_attention_reference(*args)
+    out = shared_mod.shared_prefix_impl(*args, prefix_splits=splits[0], suffix_splits=splits[1], block_n=16)
+    assert_close(out, expected, TOL[torch.float32], "cascade triton")
+    # Tiles holding fewer requests than a group (request blocks) must give the same result.
+    out = shared_mod.shared_prefix_impl(*args, block_m=16 if group <= 4 else None, block_n=16)
+    assert_close(out, expected, TOL[torch.float32], "cascade triton, small tiles")
+    assert_close(shared_prefix_decode_attention(*args), expected, TOL[torch.float32], "public launcher")
+
+
+def test_shared_prefix_triton_bf16():
+    args, b = _cascade_case(4, 4, *CASCADE, dtype=torch.bfloat16, d=32, seed=9)
+    out = shared_prefix_decode_attention(*args)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, naive_extend(b).to(out.device), TOL[torch.bfloat16])
+
+
+def test_merge_attention_states():
+    gen = torch.Generator().manual_seed(0)
+    o1, o2 = torch.randn(2, 3, 5, 8, generator=gen).to(DEVICE).unbind(0)
+    lse1, lse2 = (torch.randn(2, 3, 5, generator=gen) * 3).to(DEVICE).unbind(0)
+    lse2 = lse2.clone()
+    lse2[0, 0] = float("-inf")  # an empty second part: result is the first part
+    lse1 = lse1.clone()
+    lse1[1, 1] = float("-inf")
+    lse2[1, 1] = float("-inf")  # both empty: 0, not nan
+    w1 = torch.exp(lse1.double())
+    w2 = torch.exp(lse2.double())
+    tot = (w1 + w2).clamp_min(1e-300)
+    expected = (o1.double() * (w1 / tot)[..., None] + o2.double() * (w2 / tot)[..., None])
+    for fn in (merge_attention_states, merge_attention_states_reference):
+        o, lse = fn(o1.contiguous(), lse1.contiguous(), o2.contiguous(), lse2.contiguous())
+        assert torch.isfinite(o).all()
+        assert_close(o, expected.to(o.device), 1e-6, fn.__name__)
+        assert torch.equal(o[0, 0], o1[0, 0]) or (o[0, 0] - o1[0, 0]).abs().max() < 1e-6
+        assert lse[1, 1] == float("-inf")
+
+
+def test_shared_prefix_gsp_like_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    groups = [2048] * 4
+    suffixes = [[128 + i for i in range(16)]] * 4
+    args, _ = _cascade_case(16, 4, groups, suffixes, dtype=torch.bfloat16, hkv=8, d=128)
+    assert_close(shared_prefix_decode_attention(*args), shared_prefix_decode_attention_reference(*args),
+                 TOL[torch.bfloat16])
+
+
+for _mark in gpu:
+    test_shared_prefix_gsp_like_gpu = _mark(test_shared_prefix_gsp_like_gpu)
+
+
+# ---------------------------------------------------------------- validation
+
+def test_attention_validation_errors():
+    b = _decode_batch(4, 2, lens=[5, 9])
+    args = list(_decode_args(b))
+    for fn in (decode_attention, decode_attention_reference):
+        bad = list(args)
+        bad[4] = b.seq_lens.long()
+        with pytest.raises(TypeError, match="seq_lens"):
+            fn(*bad)
+        bad = list(args)
+        bad[0] = b.q[:, :3]  # 3 query heads over 2 KV heads
+        with pytest.raises(ValueError, match="multiple"):
+            fn(*bad)
+        bad = list(args)
+        bad[0] = b.q.double()
+        with pytest.raises(TypeError):
+            fn(*bad)
+        bad = list(args)
+        bad[2] = b.v_cache[:, :2]
+        with pytest.raises(ValueError, match="shape"):
+            fn(*bad)
+        bad = list(args)
+        bad[3] = b.page_table[:1]
+        with pytest.raises(ValueError, match="rows"):
+            fn(*bad)
+    e = make_paged_batch([5], [5], page_size=4, num_kv_heads=1, group=1, head_dim=8)
+    bad = list(_extend_args(e))
+    bad[6] = e.cu_extend[:1]
+    with pytest.raises(ValueError, match="cu_extend"):
+        extend_attention(*bad)
