@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from radixserve.runtime.outputs import FinishReason, StreamDelta, TokenLogprob
+from radixserve.runtime.outputs import CONSTRAINT_FAILURE_PREFIX, FinishReason, StreamDelta, TokenLogprob
 from radixserve.runtime.request import Request
 
 
@@ -101,7 +101,7 @@ def grammar_error_message(matcher: Any, context: str = "") -> str:
     """The finish "error" message for a matcher in error: llguidance's own words (its first
     line; what follows is a debugging trailer)."""
     message = (matcher.error() or "").strip().splitlines()
-    return f"constraint: {context}{message[0] if message else 'the grammar matcher failed'}"
+    return f"{CONSTRAINT_FAILURE_PREFIX}{context}{message[0] if message else 'the grammar matcher failed'}"
 
 
 def _advance_grammar(

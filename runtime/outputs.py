@@ -70,6 +70,10 @@ class GenerateResult:
         return sum(len(o.token_ids) for o in self.outputs)
 
 
+# The start of every `error` that a request's constraint caused (see output_processor).
+CONSTRAINT_FAILURE_PREFIX = "constraint: "
+
+
 @dataclass
 class StreamDelta:
     """New output of one continuation since the last delta. The last delta of a continuation
@@ -89,3 +93,10 @@ class StreamDelta:
     prompt_logprobs: list[TokenLogprob] | None = None
     prompt_token_ids: list[int] | None = None  # set on the last delta of a continuation
     error: str | None = None
+
+    @property
+    def constraint_failed(self) -> bool:
+        """The continuation ended in error because its output constraint could not be
+        followed (a parser resource limit reached while decoding, or text no token sequence of
+        this vocabulary can spell): a property of the request, not an engine fault."""
+        return self.finish_reason == "error" and (self.error or "").startswith(CONSTRAINT_FAILURE_PREFIX)

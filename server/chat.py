@@ -43,6 +43,7 @@ from radixserve.server.sampling import (
     check_n,
     check_prompt_tokens,
     compile_in_thread,
+    constraint_field,
     constraint_limits,
     resolve_max_tokens,
 )
@@ -90,9 +91,9 @@ async def chat_completions(request: Request) -> Response:
 
 def _constraint_param(req: ChatCompletionRequest) -> str:
     """The field a compile timeout is blamed on: the first constraint the request sets."""
-    for name in ("regex", "choice", "grammar", "json_schema"):
-        if getattr(req, name) is not None:
-            return name
+    field = constraint_field(req)
+    if field is not None:
+        return field
     if req.tools and req.tool_choice != "none":
         return "tools"
     return "response_format"
@@ -198,7 +199,7 @@ class ChatWriter:
             async for _, delta in run.events():
                 self.usage.add(delta)
                 if delta.finish_reason == "error":
-                    raise generation_failed(delta)
+                    raise generation_failed(delta, _constraint_param(self.req))
                 texts[delta.index].append(delta.text)
                 if delta.logprobs:
                     logprobs[delta.index].extend(delta.logprobs)
@@ -238,7 +239,7 @@ class ChatWriter:
         async for _, delta in run.events():
             self.usage.add(delta)
             if delta.finish_reason == "error":
-                raise generation_failed(delta)
+                raise generation_failed(delta, _constraint_param(self.req))
             for chunk_choice in self._stream_choices(delta, parsers[delta.index]):
                 yield self._chunk([chunk_choice])
         options = self.req.stream_options

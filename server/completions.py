@@ -29,6 +29,7 @@ from radixserve.server.sampling import (
     check_prompt_tokens,
     check_token_ids,
     completion_sampling_params,
+    constraint_field,
     resolve_constraint,
     resolve_max_tokens,
 )
@@ -176,7 +177,7 @@ class CompletionWriter:
             async for prompt_index, delta in run.events():
                 self.usage.add(delta)
                 if delta.finish_reason == "error":
-                    raise generation_failed(delta)
+                    raise generation_failed(delta, constraint_field(self.req) or "response_format")
                 index = prompt_index * n + delta.index
                 pending[index].append((delta.text, delta.token_ids, delta.logprobs))
                 if delta.prompt_logprobs is not None:
@@ -220,7 +221,7 @@ class CompletionWriter:
         async for prompt_index, delta in run.events():
             self.usage.add(delta)
             if delta.finish_reason == "error":
-                raise generation_failed(delta)
+                raise generation_failed(delta, constraint_field(self.req) or "response_format")
             index = prompt_index * n + delta.index
             choice = self.choices[index]
             if hold:

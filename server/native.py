@@ -34,6 +34,7 @@ from radixserve.server.sampling import (
     check_prompt_tokens,
     check_token_ids,
     native_sampling_params,
+    constraint_field,
     resolve_constraint,
     resolve_max_tokens,
 )
@@ -80,7 +81,8 @@ async def generate(request: Request) -> Response:
         # answer with None in its place so prompt_logprobs[i] stays token start + i.
         params = dataclasses.replace(params, prompt_logprobs_start=1)
     request_id = new_request_id(request)
-    writer = NativeWriter(request_id, ids, params.n, requested_start)
+    field = constraint_field(sp, json_object=sp.json_object)
+    writer = NativeWriter(request_id, ids, params.n, requested_start, field and f"sampling_params.{field}")
     run = GenerationRun(state.engine, state.metrics, arrival, compile_timeout_s=settings.constraint_timeout_s)
     await run.start([ids], params, request_id=request_id, cache_salt=req.cache_salt, prompt_param=prompt_param)
     if req.stream:
@@ -99,8 +101,11 @@ def native_logprobs(logprobs: list[TokenLogprob | None] | None) -> list[NativeLo
 
 
 class NativeWriter:
-    def __init__(self, request_id: str, prompt_ids: list[int], n: int, prompt_logprobs_start: int) -> None:
+    def __init__(
+        self, request_id: str, prompt_ids: list[int], n: int, prompt_logprobs_start: int, constraint_param: str | None = None
+    ) -> None:
         self.id = request_id
+        self.constraint_param = constraint_param  # the field a constraint failure is reported on
         self.prompt_ids = prompt_ids
         self.n = n
         self.prompt_logprobs_start = prompt_logprobs_start
@@ -114,7 +119,7 @@ class NativeWriter:
             async for _, delta in run.events():
                 self.usage.add(delta)
                 if delta.finish_reason == "error":
-                    raise generation_failed(delta)
+                    raise generation_failed(delta, self.constraint_param)
                 out = outputs[delta.index]
                 texts[delta.index].append(delta.text)
                 out.token_ids.extend(delta.token_ids)
@@ -171,5 +176,5 @@ class NativeWriter:
         async for _, delta in run.events():
             self.usage.add(delta)
             if delta.finish_reason == "error":
-                raise generation_failed(delta)
+                raise generation_failed(delta, self.constraint_param)
             yield sse_data(self._event(delta))

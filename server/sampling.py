@@ -84,13 +84,22 @@ async def resolve_constraint(
 ) -> ConstraintSpec | None:
     """`constraint_from_fields`, in a worker thread (bounded by the compile timeout) when
     there is something to compile."""
-    given = [name for name in ("regex", "choice", "grammar", "json_schema") if getattr(fields, name) is not None]
-    if json_object or given:
+    param = constraint_field(fields, json_object=json_object)
+    if param is not None:
         return await compile_in_thread(
             constraint_from_fields, fields, json_object=json_object, limits=constraint_limits(settings),
-            settings=settings, param=given[0] if given else "json_object",
+            settings=settings, param=param,
         )
     return None
+
+
+def constraint_field(fields: ConstraintFields, *, json_object: bool = False) -> str | None:
+    """The extension constraint field a request sets (the first of them), or None: the
+    `param` that a failure of its constraint is reported on."""
+    for name in ("regex", "choice", "grammar", "json_schema"):
+        if getattr(fields, name, None) is not None:
+            return name
+    return "json_object" if json_object else None
 
 
 def budget_cap(settings: ServerSettings) -> int | None:

@@ -81,7 +81,7 @@ def validate_tools(tools: Sequence[Any] | None, *, limits: ConstraintLimits | No
     "parameters"}}]) and return them as ToolSpecs. Each `parameters` schema must be a valid
     JSON Schema for an object that llguidance can compile strictly; otherwise ConstraintError
     (param "tools") naming the tool and the problem."""
-    from radixserve.runtime.constraints.compiler import _check_meta_schema, json_compile_options, json_schema_error
+    from radixserve.runtime.constraints.compiler import _check_meta_schema, json_schema_error, json_schema_grammar
 
     import llguidance
 
@@ -119,7 +119,10 @@ def validate_tools(tools: Sequence[Any] | None, *, limits: ConstraintLimits | No
             _check_meta_schema(params, "tools")
         except ConstraintError as exc:
             raise exc.with_param("tools", f"{where}: parameters: ") from None
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(params, overrides=json_compile_options(limits))
+        try:
+            grammar = json_schema_grammar(params, limits, param="tools")
+        except ConstraintError as exc:
+            raise exc.with_param("tools", f"{where}: parameters: ") from None
         error = llguidance.LLMatcher.validate_grammar(grammar)
         if error:
             raise json_schema_error(error, params, "tools").with_param("tools", f"{where}: parameters: ") from None
@@ -247,14 +250,14 @@ def _bounded_schema(schema: Any, limits: ConstraintLimits) -> dict[str, Any]:
     """`schema` with our JSON options (to embed with `%json`) and, when `limits` sets JSON
     bounds (`ConstraintLimits.json_max_items`...), tightened by them; without the bounds if
     the tightened schema does not compile (as the compiler does for json_schema)."""
-    from radixserve.runtime.constraints.compiler import schema_with_options
+    from radixserve.runtime.constraints.compiler import json_schema_grammar, schema_with_options
 
     bounded = schema_with_options(schema, limits)
     if not limits.bounds_json:
         return bounded
     import llguidance
 
-    if llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(bounded)):
+    if llguidance.LLMatcher.validate_grammar(json_schema_grammar(bounded, None, param="tools")):
         return schema_with_options(schema, limits.without_json_bounds())
     return bounded
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from radixserve.runtime.outputs import StreamDelta
+from radixserve.runtime.outputs import CONSTRAINT_FAILURE_PREFIX, StreamDelta
 from radixserve.server.errors import APIError
 from radixserve.server.protocol import NativeUsage, PromptTokensDetails, Usage
 
@@ -48,7 +48,18 @@ class UsageCounter:
         )
 
 
-def generation_failed(delta: StreamDelta) -> APIError:
-    """A continuation the engine failed: the engine's detail goes to the log, not the client."""
+def generation_failed(delta: StreamDelta, constraint_param: str | None = None) -> APIError:
+    """A continuation that ended in error. When the request's own constraint could not be
+    followed (`StreamDelta.constraint_failed`), it is a 400 on `constraint_param` saying why;
+    any other failure is the engine's, and its detail goes to the log, not the client."""
+    if delta.constraint_failed:
+        detail = (delta.error or "")[len(CONSTRAINT_FAILURE_PREFIX) :]
+        logger.warning("request %s (continuation %d): constraint failed while decoding: %s", delta.request_id, delta.index, detail)
+        return APIError(
+            400,
+            f"The output constraint could not be followed while generating: {detail}",
+            param=constraint_param,
+            code="constraint_error",
+        )
     logger.error("request %s (continuation %d) failed in the engine: %s", delta.request_id, delta.index, delta.error)
     return APIError(500, "The server had an error while generating the response.", code="generation_error")

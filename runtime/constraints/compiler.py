@@ -454,25 +454,30 @@ def _choice_grammar(spec: ConstraintSpec, limits: ConstraintLimits) -> str:
     return llguidance.LLMatcher.grammar_from_lark(choice_lark(choices))
 
 
-def _json_schema_grammar(spec: ConstraintSpec, limits: ConstraintLimits) -> str:
+def json_schema_grammar(schema: Any, limits: ConstraintLimits | None, param: str = "json_schema") -> str:
+    """llguidance's grammar for a JSON Schema (with our compile options when `limits` is given).
+    A schema llguidance cannot even serialize (an integer beyond 64 bits, say) is a
+    ConstraintError on `param`, like every other bad schema."""
     import llguidance
 
+    options = json_compile_options(limits) if limits is not None else None
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ConstraintError(param, f"cannot compile the schema: {exc}") from None
+
+
+def _json_schema_grammar(spec: ConstraintSpec, limits: ConstraintLimits) -> str:
     assert isinstance(spec.value, str)
     schema = _load_schema(spec.value, "json_schema")
     if isinstance(schema, dict):
         _check_meta_schema(schema, "json_schema")
         schema = normalize_schema(schema)
-    schema = tighten_schema(schema, limits)
-    try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=json_compile_options(limits))
-    except ValueError as exc:
-        raise ConstraintError("json_schema", f"cannot compile the schema: {exc}") from None
+    return json_schema_grammar(tighten_schema(schema, limits), limits)
 
 
 def _json_object_grammar(spec: ConstraintSpec, limits: ConstraintLimits) -> str:
-    import llguidance
-
-    return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=json_compile_options(limits))
+    return json_schema_grammar({"type": "object"}, limits)
 
 
 def _lark_grammar(spec: ConstraintSpec, limits: ConstraintLimits) -> str:
@@ -666,7 +671,7 @@ class ConstraintCompiler:
             return failed
         if not replacement["enum"]:
             raise ConstraintError("json_schema", "no value satisfies the schema (every value of its enum/const is excluded)")
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(replacement, overrides=json_compile_options(self.limits))
+        grammar = json_schema_grammar(replacement, self.limits)
         matcher = llguidance.LLMatcher(self._lltok, grammar, log_level=0, limits=self._ll_limits)
         return failed if matcher.is_error() else matcher
 
@@ -736,8 +741,7 @@ def check_constraint(spec: ConstraintSpec, limits: ConstraintLimits | None = Non
         if replacement is not None:
             if not replacement["enum"]:
                 raise ConstraintError("json_schema", "no value satisfies the schema (every value of its enum/const is excluded)")
-            options = json_compile_options(limits)
-            error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(replacement, overrides=options))
+            error = llguidance.LLMatcher.validate_grammar(json_schema_grammar(replacement, limits))
     if error:
         raise _compile_error(spec, error)
 

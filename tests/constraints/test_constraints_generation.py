@@ -22,7 +22,7 @@ import pytest
 
 from radixserve.runtime import Engine, SamplingParams
 from radixserve.runtime.chat_template import render_chat
-from radixserve.runtime.constraints import ConstraintCompiler, ConstraintLimits, ConstraintSpec
+from radixserve.runtime.constraints import ConstraintCompiler, ConstraintError, ConstraintLimits, ConstraintSpec
 
 from benchmarks.maskbench import data_dir
 from benchmarks.schema_generation import build_prompt, check_output
