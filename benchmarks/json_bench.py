@@ -116,13 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jsonschema
 
     from radixserve.runtime import Engine, SamplingParams
-    from radixserve.runtime.constraints import ConstraintCompiler, ConstraintError, ConstraintLimits, ConstraintSpec
+    from radixserve.runtime.constraints import ConstraintError, ConstraintLimits, ConstraintSpec
 
-    engine = Engine(args.model, device=args.device)
+    limits = ConstraintLimits() if args.json_whitespace is None else ConstraintLimits(json_max_whitespace=args.json_whitespace)
+    engine = Engine(args.model, device=args.device, constraints=limits)
     try:
-        if args.json_whitespace is not None:
-            limits = ConstraintLimits(json_max_whitespace=args.json_whitespace)
-            engine._constraints = ConstraintCompiler(engine.tokenizer, engine.vocab_size, limits, eos_token_ids=engine.eos_token_ids)
         compiler = engine.constraints
 
         # schemas that compile, with their prompts

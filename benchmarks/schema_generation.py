@@ -28,8 +28,8 @@ long as the schema allows, so `--max-tokens` is set generously. A small model de
 still repeats itself inside a value (the same array item, string fragment or property again
 and again) until max_tokens cuts it. `--max-string-length`, `--max-items`, `--max-properties`
 turn on the optional JSON bounds of `ConstraintLimits` (`tighten_schema`: bounds added to the
-schema, never loosened, so outputs still validate against the schema as given); the engine's
-compiler is replaced before first use, as `json_bench --json-whitespace` does.
+schema, never loosened, so outputs still validate against the schema as given), given to the
+engine as `Engine(constraints=ConstraintLimits(...))`.
 
 Run (about 30-40 minutes for 100 schemas on two shared CPU cores, most of it the outputs that
 repeat until max_tokens; much less with bounds):
@@ -290,16 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from radixserve.runtime import Engine
-    from radixserve.runtime.constraints import ConstraintCompiler, ConstraintLimits
+    from radixserve.runtime.constraints import ConstraintLimits
 
     picks, skipped = select_schemas(args.data or data_dir(), args.count, args.max_schema_chars)
     t_start = time.perf_counter()
-    engine = Engine(args.model, device=args.device)
     limits = ConstraintLimits(json_max_string_length=args.max_string_length, json_max_items=args.max_items,
                               json_max_properties=args.max_properties)
-    if limits.bounds_json:
-        # The engine compiles with default limits; replace its compiler before first use.
-        engine._constraints = ConstraintCompiler(engine.tokenizer, engine.vocab_size, limits, eos_token_ids=engine.eos_token_ids)
+    engine = Engine(args.model, device=args.device, constraints=limits)
     try:
         cases, seconds = run(engine, picks, args.max_tokens)
         device = str(engine.device)

@@ -19,8 +19,8 @@ same cart item with quantity 1, 2, 3, ...) until max_tokens ends the call unfini
 (finish_reason "length": a failure here). `--max-string-length`, `--max-items`,
 `--max-properties` turn on the optional JSON bounds of `ConstraintLimits` for the tool-call
 constraint (`tighten_schema`: bounds added to each tool's schema, never loosened, so arguments
-still validate against the tool's schema as given). The server has no setting for them yet, so
-`use_json_bounds` wraps the chat route's `constraint_limits` in this process.
+still validate against the tool's schema as given), set on the engine this script starts
+(`Engine(constraints=ConstraintLimits(...))`, as `radixserve serve --json-max-items ...` does).
 
 Run:  python -m benchmarks.tool_calls_bench [--requests 50] [--concurrency 8] [--max-tokens 256]
       [--max-string-length 128 --max-items 8 --max-properties 8]
@@ -270,24 +270,6 @@ def run_mode(client: Any, model: str, qs: Sequence[str], max_tokens: int, concur
     return outcomes, time.perf_counter() - t0
 
 
-def use_json_bounds(bounds: dict[str, int | None]) -> None:
-    """Make this process's server build tool-call constraints with the JSON bounds of
-    `ConstraintLimits` (json_max_items...): the chat route takes its limits from
-    `server.sampling.constraint_limits(settings)`, which has no setting for them yet, so the
-    route's reference to it is wrapped. Only the bounds change; everything else is the
-    server's own path."""
-    from dataclasses import replace
-
-    import radixserve.server.chat as chat_route
-
-    original = chat_route.constraint_limits
-
-    def bounded_limits(settings: Any) -> Any:
-        return replace(original(settings), **bounds)
-
-    chat_route.constraint_limits = bounded_limits
-
-
 class LocalServer:
     """uvicorn serving `create_app(engine, settings)` on 127.0.0.1 (a free port, bound before
     start) from a daemon thread."""
@@ -364,9 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url is None:
         from radixserve.runtime import Engine
 
-        engine = Engine(args.model)
-        if bounded:
-            use_json_bounds(bounds)
+        from radixserve.runtime.constraints import ConstraintLimits
+
+        engine = Engine(args.model, constraints=ConstraintLimits(**bounds))
         server = LocalServer(engine).start()
         url, model = server.url, engine.model_name
     else:

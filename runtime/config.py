@@ -7,10 +7,11 @@ engine's own fields; the config stays as the user wrote it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from radixserve.radix import EVICTION_POLICIES
+from radixserve.runtime.constraints.config import ConstraintLimits
 
 SchedulePolicy = Literal["lpm", "fcfs"]
 
@@ -26,6 +27,8 @@ class EngineConfig:
     `schedule_policy` "lpm" admits waiting requests longest-cached-prefix first (falling back
     to arrival order when more than `lpm_max_waiting` wait, as matching every waiting prompt
     each step would cost more than it saves); "fcfs" is arrival order.
+    `constraints` are the limits and options every output constraint is compiled with
+    (whitespace cap, optional JSON bounds, parser fuel; see ConstraintLimits).
     """
 
     model: str = "default"
@@ -48,6 +51,7 @@ class EngineConfig:
     overlap: bool | None = None  # None: on with CUDA (schedule step t+1 while step t runs)
     seed: int = 0
     stall_timeout_s: float = 120.0
+    constraints: ConstraintLimits = field(default_factory=ConstraintLimits)
 
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 64:
@@ -68,5 +72,7 @@ class EngineConfig:
             )
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', got {self.schedule_policy!r}")
+        if not isinstance(self.constraints, ConstraintLimits):
+            raise ValueError(f"constraints must be a ConstraintLimits, got {type(self.constraints).__name__}")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")

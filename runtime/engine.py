@@ -153,7 +153,7 @@ class Engine:
         with self._constraints_lock:
             if self._constraints is None:
                 self._constraints = ConstraintCompiler(
-                    self.tokenizer, self.vocab_size, eos_token_ids=self.eos_token_ids
+                    self.tokenizer, self.vocab_size, self.config.constraints, eos_token_ids=self.eos_token_ids
                 )
             return self._constraints
 

@@ -44,7 +44,6 @@ from radixserve.server.sampling import (
     check_prompt_tokens,
     compile_in_thread,
     constraint_field,
-    constraint_limits,
     resolve_max_tokens,
 )
 from radixserve.server.sse import EventStreamResponse, cancel_on_disconnect, sse_data, sse_stream
@@ -66,7 +65,7 @@ async def chat_completions(request: Request) -> Response:
     check_n(req.n, settings)
     requested = req.max_completion_tokens or req.max_tokens
     check_max_tokens(requested, settings, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-    limits = constraint_limits(settings)
+    limits = state.constraint_limits
     if needs_compilation(req):
         plan = await compile_in_thread(plan_chat, req, limits, settings=settings, param=_constraint_param(req))
     else:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from radixserve.runtime.constraints.config import ConstraintLimits
 from radixserve.server.settings import LOG_LEVELS, MAX_N, ServerSettings, parse_size
 
 logger = logging.getLogger("radixserve.server")
@@ -66,8 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest regex / grammar / JSON schema / choice list, e.g. 64KiB")
     limits.add_argument("--constraint-timeout", dest="constraint_timeout_s", type=float, default=10.0,
                         help="seconds a request's output constraint may take to compile")
+    json_opts = serve.add_argument_group(
+        "structured outputs (bounds added to every JSON schema and tool schema, never loosening it)")
+    json_opts.add_argument("--json-max-string-length", type=int, default=None,
+                           help="longest JSON string a constrained output may hold, in characters (default: no bound)")
+    json_opts.add_argument("--json-max-items", type=int, default=None,
+                           help="most items of a JSON array in a constrained output (default: no bound)")
+    json_opts.add_argument("--json-max-properties", type=int, default=None,
+                           help="most properties of a JSON object in a constrained output (default: no bound)")
+    json_opts.add_argument("--json-max-whitespace", type=int, default=None,
+                           help="most whitespace characters at any place JSON allows it (default: 20; 0 = compact)")
     http.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     return parser
+
+
+def constraint_limits_from_args(args: argparse.Namespace) -> ConstraintLimits | None:
+    """The engine's ConstraintLimits when any structured-output option is given, else None
+    (the engine's defaults)."""
+    names = ("json_max_string_length", "json_max_items", "json_max_properties", "json_max_whitespace")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return ConstraintLimits(**given) if given else None
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,6 +105,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {key: value for key, value in options.items() if value is not None}
     if args.disable_prefix_cache:
         kwargs["enable_prefix_cache"] = False
+    limits = constraint_limits_from_args(args)
+    if limits is not None:
+        kwargs["constraints"] = limits
     return kwargs
 
 

@@ -11,12 +11,13 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.requests import Request
 
 from radixserve.runtime.chat_template import ChatTemplate, ChatTemplateError
+from radixserve.runtime.constraints.config import ConstraintLimits
 from radixserve.server.errors import APIError, model_not_found
 from radixserve.server.metrics import ServerMetrics
 from radixserve.server.settings import ServerSettings
@@ -71,6 +72,13 @@ class ServerState:
         )
 
     # ------------------------------------------------------------------ per request
+    @property
+    def constraint_limits(self) -> ConstraintLimits:
+        """The engine's constraint limits and options (JSON bounds, whitespace cap), with this
+        server's size limit: what the grammars the server builds itself (tool calls) follow,
+        so they obey the same options as the constraints the engine compiles."""
+        return replace(self.engine.config.constraints, max_spec_bytes=self.settings.max_constraint_bytes)
+
     def check_model(self, model: str | None) -> None:
         """A request's `model` must be one of ours (None means ours)."""
         if model is not None and model not in self.accepted_names:

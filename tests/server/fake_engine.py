@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from radixserve.runtime.constraints.config import ConstraintLimits
 from radixserve.runtime.constraints.errors import ConstraintError
 from radixserve.runtime.errors import EngineDead, PromptTooLong, QueueFull
 from radixserve.runtime.outputs import StreamDelta, TokenLogprob
@@ -61,6 +62,7 @@ class FakeConfig:
     page_size: int = 1
     max_running: int = 64
     max_waiting: int = 256
+    constraints: ConstraintLimits = ConstraintLimits()
 
 
 @dataclass(frozen=True)

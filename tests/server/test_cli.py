@@ -53,8 +53,17 @@ def test_flags_map_to_settings_and_engine(monkeypatch):
     assert settings_from_args(args).api_key == "flag"
 
 
+def test_structured_output_flags_reach_the_engine_config():
+    args = build_parser().parse_args(["serve", "--json-max-items", "8", "--json-max-string-length", "128",
+                                      "--json-max-whitespace", "0"])
+    limits = engine_kwargs(args)["constraints"]
+    assert (limits.json_max_items, limits.json_max_string_length, limits.json_max_properties) == (8, 128, None)
+    assert limits.json_max_whitespace == 0 and limits.bounds_json
+
+
 @pytest.mark.parametrize("argv", [["serve", "--port", "70000"], ["serve", "--max-body-size", "lots"],
-                                  ["serve", "--log-level", "loud"], ["serve", "--page-size", "0"], []])
+                                  ["serve", "--log-level", "loud"], ["serve", "--page-size", "0"],
+                                  ["serve", "--json-max-items", "0"], []])
 def test_invalid_flags_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -41,24 +41,28 @@ def test_required_tool_calls_have_valid_arguments(served, streamed):
     assert {name for o in outcomes for name, _ in o.calls} == {t["function"]["name"] for t in TOOLS}
 
 
-def test_json_bounds_end_a_repeating_array(served, monkeypatch):
+def test_json_bounds_end_a_repeating_array(served):
     """Greedy, the model repeats itself inside the arguments until max_tokens (an unfinished
-    call, finish_reason "length"); with `ConstraintLimits.json_max_items` and
-    `json_max_string_length` arrays and strings end at the caps, the calls complete, and their
-    arguments validate against the tool's own schema."""
-    from dataclasses import replace
-
-    import radixserve.server.chat as chat_route
+    call, finish_reason "length"); on a server whose engine sets the JSON bounds of
+    `ConstraintLimits` (`Engine(constraints=...)`, `radixserve serve --json-max-items ...`),
+    arrays and strings end at the caps, the calls complete, and their arguments validate
+    against the tool's own schema."""
+    from radixserve.runtime import Engine
+    from radixserve.runtime.constraints import ConstraintLimits
 
     client, model = served
     validators = tool_validators(TOOLS)
     question = "Add 4 socks to my cart."
     plain = client.chat.completions.create(**request_kwargs(model, question, 96))
     assert plain.choices[0].finish_reason == "length"  # the repetition this guards against
-    original = chat_route.constraint_limits
-    monkeypatch.setattr(chat_route, "constraint_limits", lambda settings: replace(original(settings), json_max_items=3,
-                                                                                        json_max_string_length=24))
-    bounded = client.chat.completions.create(**request_kwargs(model, question, 160))
+
+    engine = Engine(model="default", num_pages=2048, constraints=ConstraintLimits(json_max_items=3, json_max_string_length=24))
+    thread = ServerThread(create_app(engine, ServerSettings(api_key=API_KEY))).start()
+    try:
+        bounded_client = openai.OpenAI(base_url=thread.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        bounded = bounded_client.chat.completions.create(**request_kwargs(model, question, 160))
+    finally:
+        thread.stop()
     choice = bounded.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     for call in choice.message.tool_calls:
