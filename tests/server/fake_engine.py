@@ -18,6 +18,7 @@ from typing import Callable
 
 from radixserve.runtime.constraints.config import ConstraintLimits
 from radixserve.runtime.constraints.errors import ConstraintError
+from radixserve.runtime.engine import EngineStats
 from radixserve.runtime.errors import EngineDead, PromptTooLong, QueueFull
 from radixserve.runtime.outputs import StreamDelta, TokenLogprob
 from radixserve.runtime.sampling_params import InvalidParams, SamplingParams
@@ -63,31 +64,6 @@ class FakeConfig:
     max_running: int = 64
     max_waiting: int = 256
     constraints: ConstraintLimits = ConstraintLimits()
-
-
-@dataclass(frozen=True)
-class FakeStats:
-    running: int
-    waiting: int
-    total_pages: int
-    free_pages: int
-    cached_pages: int
-    evictable_pages: int
-    locked_pages: int
-    private_pages: int
-    page_size: int
-    queried_tokens: int
-    cached_tokens: int
-    prompt_tokens: int
-    generation_tokens: int
-    preemptions: int
-    finished: int
-    steps: int
-    last_step_at: float
-
-    @property
-    def kv_usage(self) -> float:
-        return 1.0 - (self.free_pages + self.evictable_pages) / max(self.total_pages, 1)
 
 
 @dataclass
@@ -172,16 +148,16 @@ class FakeEngine:
             self._aborts.add(request_id)
         self._wake.set()
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         with self._lock:
             private = sum(len(s.prompt) + len(s.out) for s in self._running)
             c = self._counters
-            return FakeStats(
+            return EngineStats(
                 running=len(self._running), waiting=len(self._waiting), total_pages=self.num_pages,
                 free_pages=self.num_pages - private, cached_pages=0, evictable_pages=0, locked_pages=0,
                 private_pages=private, page_size=1, queried_tokens=c["queried"], cached_tokens=c["cached"],
                 prompt_tokens=c["prompt"], generation_tokens=c["generation"], preemptions=0,
-                finished=c["finished"], steps=c["steps"], last_step_at=self._last_beat,
+                finished=c["finished"], steps=c["steps"], cascade_steps=0, last_step_at=self._last_beat,
             )
 
     def healthy(self) -> bool:
