@@ -26,7 +26,7 @@ Whitespace between JSON tokens is capped by the compiler (`ConstraintLimits.
 json_max_whitespace`), so a model cannot loop on spaces or newlines; strings and arrays are as
 long as the schema allows, so `--max-tokens` is set generously. A small model decoding greedily
 still repeats itself inside a value (the same array item, string fragment or property again
-and again) until max_tokens cuts it. `--max-string-length`, `--max-items`, `--max-properties`
+and again) until max_tokens cuts it. `--max-string-length`, `--max-items`, `--max-properties`, `--max-integer-digits`
 turn on the optional JSON bounds of `ConstraintLimits` (`tighten_schema`: bounds added to the
 schema, never loosened, so outputs still validate against the schema as given), given to the
 engine as `Engine(constraints=ConstraintLimits(...))`.
@@ -37,7 +37,7 @@ repeat until max_tokens; much less with bounds):
     python -m benchmarks.schema_generation --count 100 --max-tokens 2048 \\
         --outputs build/schema_generation.jsonl --json build/schema_generation.json
     python -m benchmarks.schema_generation --count 100 --max-tokens 2048 \\
-        --max-string-length 128 --max-items 8 --max-properties 8
+        --max-string-length 128 --max-items 8 --max-properties 8 --max-integer-digits 12
 
 Exit status: 1 if any output is invalid or any compile failure is not a ConstraintError.
 """
@@ -280,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-string-length", type=int, default=None, help="ConstraintLimits.json_max_string_length (default: off)")
     parser.add_argument("--max-items", type=int, default=None, help="ConstraintLimits.json_max_items (default: off)")
     parser.add_argument("--max-properties", type=int, default=None, help="ConstraintLimits.json_max_properties (default: off)")
+    parser.add_argument("--max-integer-digits", type=int, default=None,
+                        help="ConstraintLimits.json_max_integer_digits (default: off)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--outputs", type=Path, default=None, help="write every case (with its output text) here, one JSON a line")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
@@ -295,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     picks, skipped = select_schemas(args.data or data_dir(), args.count, args.max_schema_chars)
     t_start = time.perf_counter()
     limits = ConstraintLimits(json_max_string_length=args.max_string_length, json_max_items=args.max_items,
-                              json_max_properties=args.max_properties)
+                              json_max_properties=args.max_properties, json_max_integer_digits=args.max_integer_digits)
     engine = Engine(args.model, device=args.device, constraints=limits)
     try:
         cases, seconds = run(engine, picks, args.max_tokens)
@@ -307,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary.update(
         {"model": model, "device": device, "max_tokens": args.max_tokens, "max_schema_chars": args.max_schema_chars,
          "json_bounds": {"max_string_length": args.max_string_length, "max_items": args.max_items,
-                         "max_properties": args.max_properties},
+                         "max_properties": args.max_properties,
+                         "max_integer_digits": args.max_integer_digits},
          "skipped_for_size": skipped, "generation_s": seconds, "wall_s": time.perf_counter() - t_start}
     )
     print(f"schema-constrained generation: {len(picks)} MaskBench schemas ({skipped} files over {args.max_schema_chars} chars"

@@ -17,13 +17,13 @@ fragments concatenated in order; the finish_reason is the one of the last chunk 
 Greedy, the default model (135M parameters) sometimes repeats itself inside the arguments (the
 same cart item with quantity 1, 2, 3, ...) until max_tokens ends the call unfinished
 (finish_reason "length": a failure here). `--max-string-length`, `--max-items`,
-`--max-properties` turn on the optional JSON bounds of `ConstraintLimits` for the tool-call
+`--max-properties`, `--max-integer-digits` turn on the optional JSON bounds of `ConstraintLimits` for the tool-call
 constraint (`tighten_schema`: bounds added to each tool's schema, never loosened, so arguments
 still validate against the tool's schema as given), set on the engine this script starts
 (`Engine(constraints=ConstraintLimits(...))`, as `radixserve serve --json-max-items ...` does).
 
 Run:  python -m benchmarks.tool_calls_bench [--requests 50] [--concurrency 8] [--max-tokens 256]
-      [--max-string-length 128 --max-items 8 --max-properties 8]
+      [--max-string-length 128 --max-items 8 --max-properties 8 --max-integer-digits 12]
       [--url http://host:port/v1 --api-key KEY]   (an already running server instead)
 
 Exit status: 1 unless every request in both modes succeeded.
@@ -332,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-string-length", type=int, default=None, help="ConstraintLimits.json_max_string_length (default: off)")
     parser.add_argument("--max-items", type=int, default=None, help="ConstraintLimits.json_max_items (default: off)")
     parser.add_argument("--max-properties", type=int, default=None, help="ConstraintLimits.json_max_properties (default: off)")
+    parser.add_argument("--max-integer-digits", type=int, default=None,
+                        help="ConstraintLimits.json_max_integer_digits (default: off)")
     parser.add_argument("--verbose", action="store_true", help="print every request's calls")
     args = parser.parse_args(argv)
 
@@ -339,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     server = engine = None
     bounds = {"json_max_string_length": args.max_string_length, "json_max_items": args.max_items,
-              "json_max_properties": args.max_properties}
+              "json_max_properties": args.max_properties,
+              "json_max_integer_digits": args.max_integer_digits}
     bounded = any(v is not None for v in bounds.values())
     if bounded and args.url is not None:
         parser.error("the JSON bounds apply to the server this script starts, not to --url")

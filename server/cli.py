@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="most items of a JSON array in a constrained output (default: no bound)")
     json_opts.add_argument("--json-max-properties", type=int, default=None,
                            help="most properties of a JSON object in a constrained output (default: no bound)")
+    json_opts.add_argument("--json-max-integer-digits", type=int, default=None,
+                           help="most digits of a JSON integer (or a number's integer part) in a constrained output")
     json_opts.add_argument("--json-max-whitespace", type=int, default=None,
                            help="most whitespace characters at any place JSON allows it (default: 20; 0 = compact)")
     http.add_argument("--log-level", default="info", choices=LOG_LEVELS)
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 def constraint_limits_from_args(args: argparse.Namespace) -> ConstraintLimits | None:
     """The engine's ConstraintLimits when any structured-output option is given, else None
     (the engine's defaults)."""
-    names = ("json_max_string_length", "json_max_items", "json_max_properties", "json_max_whitespace")
+    names = ("json_max_string_length", "json_max_items", "json_max_properties", "json_max_integer_digits",
+             "json_max_whitespace")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return ConstraintLimits(**given) if given else None
 

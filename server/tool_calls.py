@@ -248,18 +248,19 @@ def tool_call_constraint(
 
 def _bounded_schema(schema: Any, limits: ConstraintLimits) -> dict[str, Any]:
     """`schema` with our JSON options (to embed with `%json`) and, when `limits` sets JSON
-    bounds (`ConstraintLimits.json_max_items`...), tightened by them; without the bounds if
-    the tightened schema does not compile (as the compiler does for json_schema)."""
+    bounds (`ConstraintLimits.json_max_items`...), tightened by them; with fewer bounds
+    (`json_bound_fallbacks`) if the tightened schema does not compile, as the compiler does
+    for json_schema."""
     from radixserve.runtime.constraints.compiler import json_schema_grammar, schema_with_options
 
-    bounded = schema_with_options(schema, limits)
-    if not limits.bounds_json:
-        return bounded
     import llguidance
 
-    if llguidance.LLMatcher.validate_grammar(json_schema_grammar(bounded, None, param="tools")):
-        return schema_with_options(schema, limits.without_json_bounds())
-    return bounded
+    chain = limits.json_bound_fallbacks()
+    for looser in chain[:-1]:
+        bounded = schema_with_options(schema, looser)
+        if not llguidance.LLMatcher.validate_grammar(json_schema_grammar(bounded, None, param="tools")):
+            return bounded
+    return schema_with_options(schema, chain[-1])
 
 
 def tools_system_prompt(tools: Sequence[Any], parallel_tool_calls: bool = True, tool_choice: Any = None) -> str:

@@ -231,6 +231,8 @@ def _free_value(limits: ConstraintLimits, depth: int = FREE_VALUE_DEPTH) -> dict
     node: dict[str, Any] = {}
     if limits.json_max_string_length is not None:
         node["maxLength"] = limits.json_max_string_length
+    if limits.json_max_integer_digits is not None:
+        _cap_magnitude(node, 10**limits.json_max_integer_digits - 1)
     if depth <= 0:
         node["type"] = ["null", "boolean", "number", "string"]
         return node
@@ -253,6 +255,23 @@ def _cap(node: dict[str, Any], upper: str, lower: str, bound: int) -> None:
     if isinstance(current, (int, float)) and not isinstance(current, bool) and current <= bound:
         return
     node[upper] = bound
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cap_magnitude(node: dict[str, Any], bound: int) -> None:
+    """node's numbers confined to [-bound, bound] (`minimum`/`maximum` only ever tightened),
+    unless that would leave no number the node's own bounds admit."""
+    low = [node[k] for k in ("minimum", "exclusiveMinimum") if _is_number(node.get(k))]
+    high = [node[k] for k in ("maximum", "exclusiveMaximum") if _is_number(node.get(k))]
+    if any(v > bound for v in low) or any(v < -bound for v in high):
+        return
+    if not _is_number(node.get("maximum")) or node["maximum"] > bound:
+        node["maximum"] = bound
+    if not _is_number(node.get("minimum")) or node["minimum"] < -bound:
+        node["minimum"] = -bound
 
 
 def _keys_anywhere(schema: Any, keys: frozenset[str]) -> bool:
@@ -338,6 +357,8 @@ def _tighten(node: Any, limits: ConstraintLimits, fill: bool, structural: bool) 
 
     if limits.json_max_string_length is not None and may_be("string"):
         _cap(out, "maxLength", "minLength", limits.json_max_string_length)
+    if limits.json_max_integer_digits is not None and (may_be("integer") or may_be("number")):
+        _cap_magnitude(out, 10**limits.json_max_integer_digits - 1)
     if may_be("array"):
         if limits.json_max_items is not None:
             _cap(out, "maxItems", "minItems", limits.json_max_items)
@@ -628,13 +649,15 @@ class ConstraintCompiler:
 
         grammar = self.grammar(spec)
         matcher = llguidance.LLMatcher(self._lltok, grammar, log_level=0, limits=self._ll_limits)
-        if matcher.is_error() and spec.kind == "json_schema" and self.limits.bounds_json:
-            # The bounds made it fail (e.g. a pattern longer than the string cap): without them.
-            loose = GRAMMAR_BUILDERS["json_schema"](spec, self.limits.without_json_bounds())
-            fallback = llguidance.LLMatcher(self._lltok, loose, log_level=0, limits=self._ll_limits)
-            if not fallback.is_error():
-                logger.debug("json_schema compiles only without the JSON bounds: %s", matcher.get_error())
-                matcher = fallback
+        if matcher.is_error() and spec.kind == "json_schema":
+            # The bounds made it fail (e.g. a pattern longer than the string cap): fewer of them.
+            for looser in self.limits.json_bound_fallbacks()[1:]:
+                loose = GRAMMAR_BUILDERS["json_schema"](spec, looser)
+                fallback = llguidance.LLMatcher(self._lltok, loose, log_level=0, limits=self._ll_limits)
+                if not fallback.is_error():
+                    logger.debug("json_schema compiles only with fewer JSON bounds: %s", matcher.get_error())
+                    matcher = fallback
+                    break
         if matcher.is_error() and spec.kind == "json_schema":
             matcher = self._finite_enum_fallback(spec, matcher)
         if matcher.is_error():
@@ -733,8 +756,11 @@ def check_constraint(spec: ConstraintSpec, limits: ConstraintLimits | None = Non
     _check_size(spec, limits)
     grammar = GRAMMAR_BUILDERS[spec.kind](spec, limits)
     error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error and spec.kind == "json_schema" and limits.bounds_json:
-        error = llguidance.LLMatcher.validate_grammar(GRAMMAR_BUILDERS[spec.kind](spec, limits.without_json_bounds()))
+    if error and spec.kind == "json_schema":
+        for looser in limits.json_bound_fallbacks()[1:]:
+            error = llguidance.LLMatcher.validate_grammar(GRAMMAR_BUILDERS[spec.kind](spec, looser))
+            if not error:
+                break
     if error and spec.kind == "json_schema":
         assert isinstance(spec.value, str)
         replacement = finite_enum_schema(json.loads(spec.value), limits.max_choices)

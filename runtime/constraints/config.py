@@ -13,6 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
+# The optional JSON bounds (None = off); see ConstraintLimits.
+_JSON_BOUNDS = ("json_max_string_length", "json_max_items", "json_max_properties", "json_max_integer_digits")
+
+
 @dataclass(frozen=True)
 class ConstraintLimits:
     """Resource limits and JSON formatting rules for compiled constraints.
@@ -30,13 +34,15 @@ class ConstraintLimits:
     schema compiles once; 0 disables the cache.
 
     Optional JSON bounds (None = off, the default): `json_max_string_length` (characters per
-    string), `json_max_items` (per array), `json_max_properties` (per object) tighten every JSON
-    Schema compiled (`tighten_schema` in compiler.py): they are added to the schema, never
+    string), `json_max_items` (per array), `json_max_properties` (per object),
+    `json_max_integer_digits` (digits of an integer, and of a number's integer part: a
+    `minimum`/`maximum` of -/+ (10**d - 1)) tighten every JSON Schema compiled (`tighten_schema` in compiler.py): they are added to the schema, never
     loosened, so whatever they admit still validates against the client's schema. They keep a
     model that repeats itself (small models do, greedily: the same array item or string
-    fragment again and again) from running to `max_tokens` with an unfinished value. Bounds that
-    would contradict the schema (a `minLength` above the cap, ...) are not applied, and a schema
-    that no longer compiles with them compiles without them.
+    fragment again and again, or "1000000..." digit after digit) from running to `max_tokens`
+    with an unfinished value. Bounds that would contradict the schema (a `minLength` above the
+    cap, ...) are not applied, and a schema that no longer compiles with them compiles with
+    fewer of them (`json_bound_fallbacks`).
     """
 
     max_spec_bytes: int = 1 << 20
@@ -53,6 +59,7 @@ class ConstraintLimits:
     json_max_string_length: int | None = None
     json_max_items: int | None = None
     json_max_properties: int | None = None
+    json_max_integer_digits: int | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -73,7 +80,7 @@ class ConstraintLimits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ConstraintLimits.{name} must be a non-negative integer, got {value!r}")
-        for name in ("json_max_string_length", "json_max_items", "json_max_properties"):
+        for name in _JSON_BOUNDS:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"ConstraintLimits.{name} must be a positive integer or None, got {value!r}")
@@ -83,11 +90,22 @@ class ConstraintLimits:
     @property
     def bounds_json(self) -> bool:
         """Whether any optional JSON bound is set (schemas are tightened)."""
-        return any(v is not None for v in (self.json_max_string_length, self.json_max_items, self.json_max_properties))
+        return any(getattr(self, name) is not None for name in _JSON_BOUNDS)
 
     def without_json_bounds(self) -> "ConstraintLimits":
         """The same limits with the optional JSON bounds off."""
-        return replace(self, json_max_string_length=None, json_max_items=None, json_max_properties=None)
+        return replace(self, **dict.fromkeys(_JSON_BOUNDS))
+
+    def json_bound_fallbacks(self) -> list["ConstraintLimits"]:
+        """The limits to compile a JSON schema with, in order, until one compiles: these; then
+        without the property cap (llguidance counts properties only where every listed one is
+        required, which a merged `allOf` can break); then without any JSON bound."""
+        chain = [self]
+        if self.json_max_properties is not None:
+            chain.append(replace(self, json_max_properties=None))
+        if self.bounds_json:
+            chain.append(self.without_json_bounds())
+        return list(dict.fromkeys(chain))
 
     def json_whitespace_pattern(self) -> str | None:
         """The regex llguidance matches (at most once) where JSON allows whitespace; None means

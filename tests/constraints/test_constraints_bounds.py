@@ -1,5 +1,5 @@
 """The optional JSON bounds (`ConstraintLimits.json_max_string_length`, `json_max_items`,
-`json_max_properties`): `tighten_schema` only ever narrows a schema, so whatever a bounded
+`json_max_properties`, `json_max_integer_digits`): `tighten_schema` only ever narrows a schema, so whatever a bounded
 matcher admits validates against the client's schema, and the bounds hold.
 
 Soundness rests on where bounds go: monotone positions only (properties, items, allOf,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import jsonschema
 import pytest
@@ -21,7 +22,7 @@ from radixserve.runtime.constraints.compiler import FREE_VALUE_DEPTH, tighten_sc
 
 from .conftest import VOCAB_SIZE, Walker
 
-BOUNDS = ConstraintLimits(json_max_string_length=12, json_max_items=3, json_max_properties=3)
+BOUNDS = ConstraintLimits(json_max_string_length=12, json_max_items=3, json_max_properties=3, json_max_integer_digits=3)
 
 
 def test_off_by_default_and_validated():
@@ -44,8 +45,13 @@ def test_caps_respect_the_schema():
     assert "maxItems" not in tighten_schema({"type": "array", "minItems": 4}, BOUNDS)
     assert tighten_schema({"enum": ["a" * 40, 1]}, BOUNDS) == {"enum": ["a" * 40, 1]}  # finite already
     assert tighten_schema({"const": "x" * 40}, BOUNDS) == {"const": "x" * 40}
-    # integers and booleans are left alone
-    assert tighten_schema({"type": "integer"}, BOUNDS) == {"type": "integer"}
+    # numbers within +/- 999 (3 digits), only ever tightened; booleans are left alone
+    assert tighten_schema({"type": "integer"}, BOUNDS) == {"type": "integer", "maximum": 999, "minimum": -999}
+    assert tighten_schema({"type": "number", "minimum": 0, "maximum": 5000}, BOUNDS) == {
+        "type": "number", "minimum": 0, "maximum": 999}
+    assert tighten_schema({"type": "integer", "minimum": 5000}, BOUNDS) == {"type": "integer", "minimum": 5000}
+    assert tighten_schema({"type": "number", "exclusiveMaximum": -2000}, BOUNDS) == {"type": "number", "exclusiveMaximum": -2000}
+    assert tighten_schema({"type": "boolean"}, BOUNDS) == {"type": "boolean"}
 
 
 def test_free_values_are_bounded_recursively():
@@ -56,7 +62,8 @@ def test_free_values_are_bounded_recursively():
         assert node["maxItems"] == 3 and node["maxProperties"] == 3 and node["maxLength"] == 12
         assert node["items"] == node["additionalProperties"]
         node, depth = node["items"], depth + 1
-    assert depth == FREE_VALUE_DEPTH and node == {"maxLength": 12, "type": ["null", "boolean", "number", "string"]}
+    assert depth == FREE_VALUE_DEPTH
+    assert node == {"maxLength": 12, "maximum": 999, "minimum": -999, "type": ["null", "boolean", "number", "string"]}
     assert tighten_schema(True, BOUNDS) == free
     assert tighten_schema({"title": "anything"}, BOUNDS) == {"title": "anything", **free}
     untyped_items = tighten_schema({"type": "array"}, BOUNDS)
@@ -76,7 +83,8 @@ def test_objects_close_only_in_structural_positions():
     assert isinstance(t["additionalProperties"], dict)
     # a free-form map: maxProperties (llguidance counts properties when none is optional)
     t = tighten_schema({"type": "object", "additionalProperties": {"type": "integer"}}, BOUNDS)
-    assert t == {"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 3}
+    assert t == {"type": "object", "additionalProperties": {"type": "integer", "maximum": 999, "minimum": -999},
+                 "maxProperties": 3}
     # explicit openness beside optional properties: values bounded, count not (documented gap)
     t = tighten_schema({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, BOUNDS)
     assert isinstance(t["additionalProperties"], dict) and "maxProperties" not in t
@@ -121,6 +129,23 @@ def test_schema_that_fails_with_bounds_compiles_without(tokenizer):
     check_constraint(spec, BOUNDS)
 
 
+def test_property_cap_is_dropped_before_the_other_bounds(tokenizer):
+    """llguidance counts properties only where every listed one is required, which an `allOf`
+    merged into the object breaks: the schema compiles without the property cap, keeping the
+    other bounds (not without all of them)."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+              "allOf": [{"properties": {"b": {"type": "integer"}}}]}
+    assert BOUNDS.json_bound_fallbacks() == [BOUNDS, replace(BOUNDS, json_max_properties=None), BOUNDS.without_json_bounds()]
+    walker = Walker(ConstraintCompiler(tokenizer, VOCAB_SIZE, BOUNDS))
+    matcher = walker.compiler.compile(ConstraintSpec.json_schema(schema))
+    for seed in range(6):
+        ids, _ = walker.walk(matcher.copy(), random.Random(seed), budget=60, p_stop=0.05)
+        value = json.loads(walker.text(ids))
+        jsonschema.validate(value, schema)
+        assert _sizes_within(value, BOUNDS), value
+    check_constraint(ConstraintSpec.json_schema(schema), BOUNDS)
+
+
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
                                       "meta": {}}, "required": ["name", "tags"]},
@@ -133,6 +158,8 @@ SCHEMAS = [
 
 
 def _sizes_within(value, bounds: ConstraintLimits) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return abs(value) < 10**bounds.json_max_integer_digits
     if isinstance(value, str):
         return len(value) <= bounds.json_max_string_length
     if isinstance(value, list):
