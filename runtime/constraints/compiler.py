@@ -24,7 +24,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -301,9 +301,10 @@ def tighten_schema(schema: Any, limits: ConstraintLimits) -> Any:
     `maxLength`, `maxItems` or `maxProperties` to a subschema, or replacing `true`, `{}` or an
     implicit "anything" (an absent `additionalProperties` or `items`) by a narrower schema, can
     only remove instances of the whole; so every output still validates against the original.
-    Subschemas under `not`, `if`, `oneOf` and `contains` are left as they are, and when such a
-    keyword occurs together with `$ref` (which could lead from there to any subschema) the schema
-    is not tightened at all. Implicit values are not rewritten where `unevaluatedProperties` or
+    Subschemas under `not`, `if`, `oneOf` and `contains` are left as they are, and so are the
+    root definitions (`$defs`, `definitions`) they can reach through `$ref`, transitively; when
+    such a subschema holds a reference that is not a plain `#/$defs/name` pointer (which could
+    lead anywhere), the schema is not tightened at all. Implicit values are not rewritten where `unevaluatedProperties` or
     `unevaluatedItems` occur (an explicit `additionalProperties` would change what counts as
     evaluated).
 
@@ -318,13 +319,77 @@ def tighten_schema(schema: Any, limits: ConstraintLimits) -> Any:
     properties keeps an unbounded number of properties."""
     if not limits.bounds_json:
         return schema
-    if _keys_anywhere(schema, _NON_MONOTONE) and _keys_anywhere(schema, frozenset({"$ref", "$dynamicRef"})):
+    keep = _defs_reached_from_non_monotone(schema)
+    if keep is None:
         return schema
     fill = not _keys_anywhere(schema, frozenset({"unevaluatedProperties", "unevaluatedItems"}))
-    return _tighten(schema, limits, fill, structural=True)
+    return _tighten(schema, limits, fill, structural=True, keep_defs=keep)
 
 
-def _tighten(node: Any, limits: ConstraintLimits, fill: bool, structural: bool) -> Any:
+def _non_monotone_parts(node: Any) -> Iterator[Any]:
+    """The subschemas of `node` under `not`, `if`, `oneOf` or `contains` (outermost ones)."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _non_monotone_parts(item)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in _NON_MONOTONE:
+            yield value
+        elif key in _DATA_KEYS:
+            continue
+        elif key in _NAME_MAPS and isinstance(value, dict):
+            for sub in value.values():
+                yield from _non_monotone_parts(sub)
+        else:
+            yield from _non_monotone_parts(value)
+
+
+def _references(node: Any) -> Iterator[Any]:
+    """Every `$ref` / `$dynamicRef` value in `node` (data values are not looked into)."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _references(item)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("$ref", "$dynamicRef"):
+            yield value if key == "$ref" else None
+        elif key in _DATA_KEYS:
+            continue
+        elif key in _NAME_MAPS and isinstance(value, dict):
+            for sub in value.values():
+                yield from _references(sub)
+        else:
+            yield from _references(value)
+
+
+def _defs_reached_from_non_monotone(schema: Any) -> frozenset[tuple[str, str]] | None:
+    """The root definitions, as (map, name), that a non-monotone subschema reaches through
+    `$ref` (transitively): tightening them could loosen a `not`/`oneOf`. None when one of those
+    references is not a plain pointer to a root definition."""
+    if not isinstance(schema, dict):
+        return frozenset()
+    defs = {(m, name): sub for m in ("$defs", "definitions") if isinstance(schema.get(m), dict)
+            for name, sub in schema[m].items()}
+    reached: set[tuple[str, str]] = set()
+    pending = list(_non_monotone_parts(schema))
+    while pending:
+        for ref in _references(pending.pop()):
+            parts = ref[2:].split("/") if isinstance(ref, str) and ref.startswith("#/") else []
+            target = (parts[0], parts[1].replace("~1", "/").replace("~0", "~")) if len(parts) == 2 else None
+            if target not in defs:
+                return None
+            if target not in reached:
+                reached.add(target)
+                pending.append(defs[target])
+    return frozenset(reached)
+
+
+def _tighten(node: Any, limits: ConstraintLimits, fill: bool, structural: bool,
+             keep_defs: frozenset[tuple[str, str]] = frozenset()) -> Any:
     if node is True:
         return _free_value(limits) if fill else node
     if not isinstance(node, dict):
@@ -337,7 +402,8 @@ def _tighten(node: Any, limits: ConstraintLimits, fill: bool, structural: bool) 
             out[key] = value
         elif key in _MONOTONE_MAP and isinstance(value, dict):
             inner = key in _STRUCTURAL
-            out[key] = {name: _tighten(sub, limits, fill, inner) if isinstance(sub, (dict, bool)) else sub for name, sub in value.items()}
+            out[key] = {name: _tighten(sub, limits, fill, inner) if isinstance(sub, (dict, bool)) and (key, name) not in keep_defs
+                        else sub for name, sub in value.items()}
         elif key in _MONOTONE_ONE and isinstance(value, (dict, bool)):
             out[key] = _tighten(value, limits, fill, key in _STRUCTURAL)
         elif key in _MONOTONE_LIST and isinstance(value, list):

@@ -105,9 +105,23 @@ def test_non_monotone_subschemas_are_untouched(schema):
         assert t["then"]["maxLength"] == 12  # then/else are monotone given the condition
 
 
-def test_ref_with_a_non_monotone_keyword_is_left_alone():
+def test_definitions_a_non_monotone_keyword_reaches_are_left_alone():
     schema = {"$defs": {"s": {"type": "object", "properties": {"a": {}}}}, "oneOf": [{"$ref": "#/$defs/s"}, {"type": "string"}]}
     assert tighten_schema(schema, BOUNDS) == schema
+    # transitively: oneOf -> u -> v; w is reached only from a monotone position and is tightened
+    schema = {
+        "$defs": {"u": {"type": "array", "items": {"$ref": "#/$defs/v"}}, "v": {"type": "string"}, "w": {"type": "string"}},
+        "type": "object",
+        "properties": {"x": {"oneOf": [{"$ref": "#/$defs/u"}, {"type": "integer"}]}, "y": {"$ref": "#/$defs/w"}},
+    }
+    t = tighten_schema(schema, BOUNDS)
+    assert t["$defs"]["u"] == schema["$defs"]["u"] and t["$defs"]["v"] == schema["$defs"]["v"]
+    assert t["properties"]["x"] == schema["properties"]["x"]
+    assert t["$defs"]["w"]["maxLength"] == 12
+    # a reference from under `not` that is not a plain root-definition pointer: nothing is tightened
+    for ref in ("#", "#/$defs/u/items", "other.json#/$defs/u"):
+        odd = {**schema, "not": {"$ref": ref}}
+        assert tighten_schema(odd, BOUNDS) == odd
     without_one_of = {"$defs": {"s": {"type": "string"}}, "anyOf": [{"$ref": "#/$defs/s"}, {"type": "integer"}]}
     assert tighten_schema(without_one_of, BOUNDS)["$defs"]["s"]["maxLength"] == 12
 
@@ -183,6 +197,27 @@ def test_bounded_walks_validate_and_stay_within_bounds(bounded_walker, index):
         value = json.loads(bounded_walker.text(ids))
         jsonschema.validate(value, schema)  # the original schema
         assert _sizes_within(value, BOUNDS), value
+
+
+def test_walks_validate_with_refs_under_one_of(bounded_walker):
+    """Definitions reached from a `oneOf` stay as written; the others are bounded; every walk
+    validates against the original schema."""
+    schema = {
+        "$defs": {"item": {"type": "object", "properties": {"n": {"type": "string"}}, "required": ["n"]},
+                  "tag": {"type": "string", "minLength": 1}},
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/item"}},
+                       "kind": {"oneOf": [{"type": "string", "allOf": [{"$ref": "#/$defs/tag"}]}, {"type": "integer"}]}},
+        "required": ["items", "kind"],
+    }
+    tightened = tighten_schema(schema, BOUNDS)
+    assert tightened["$defs"]["tag"] == schema["$defs"]["tag"] and tightened["$defs"]["item"]["properties"]["n"]["maxLength"] == 12
+    matcher = bounded_walker.compiler.compile(ConstraintSpec.json_schema(schema))
+    for seed in range(8):
+        ids, _ = bounded_walker.walk(matcher.copy(), random.Random(seed), budget=80, p_stop=0.05)
+        value = json.loads(bounded_walker.text(ids))
+        jsonschema.validate(value, schema)
+        assert len(value["items"]) <= 3 and all(len(item["n"]) <= 12 for item in value["items"]), value
 
 
 def test_tool_call_constraint_carries_the_bounds(bounded_walker):
