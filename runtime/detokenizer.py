@@ -23,6 +23,11 @@ so the whole trailing run of U+FFFD is held back until a later token completes i
 releases it; everything before the run is final and is emitted at once. Once the new text ends
 cleanly the window slides: prefix_offset <- read_offset, read_offset <- len(ids).
 
+Fast path (`TokenPieces`): for a byte-level BPE decoder (GPT-2, Llama 3, Qwen, SmolLM) the text
+of a token whose bytes are complete UTF-8 does not depend on its neighbours, so when nothing is
+held back a one-token push is that token's own text, looked up in a per-tokenizer table instead
+of decoded twice. The state it leaves is the one the slow path would (see `push`).
+
 Known limit: a byte-fallback decoder turns a whole group of consecutive byte tokens into U+FFFD
 when any of them is invalid, which can rewrite text already emitted (an ASCII byte token followed
 by an invalid byte). Models essentially never produce that; we do not try to repair it.
@@ -32,9 +37,10 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-__all__ = ["IncrementalDetokenizer", "StopChecker", "TextStream", "Tokenizer"]
+__all__ = ["IncrementalDetokenizer", "StopChecker", "TextStream", "TokenPieces", "Tokenizer"]
 
 _REPLACEMENT = "\ufffd"
+_UNSEEN = object()  # TokenPieces: no entry yet (None means "has no context-free text")
 # Prompt tokens kept as left context for the first generated token (enough for any
 # tokenizer's leading-space / merge behaviour; vLLM and TGI use about the same).
 _PROMPT_CONTEXT_TOKENS = 5
@@ -44,6 +50,46 @@ class Tokenizer(Protocol):
     """The part of a Hugging Face tokenizer this module uses."""
 
     def decode(self, token_ids: list[int], **kwargs: object) -> str: ...
+
+
+class TokenPieces:
+    """Each token's own text, for tokens whose text is the same in any context: the
+    detokenizer's fast path. One table per tokenizer, shared by every request (the engine
+    builds one); filled lazily, by the engine thread only.
+
+    Why this is exact: a byte-level decoder (`decoders.ByteLevel`) maps every token to its
+    bytes, joins them and decodes UTF-8 lossily. If a token's bytes are valid UTF-8 they begin
+    with a non-continuation byte, where lossy decoding resynchronizes whatever came before, so
+    decode(ids + [t]) == decode(ids) + decode([t]). A token qualifies when its text is non-empty
+    and holds no U+FFFD (so its bytes are valid UTF-8) and it is not an added token (those
+    bypass the decoder and may be skipped as special). Other decoders (SentencePiece's leading
+    space strip, byte fallback, WordPiece's "##") are context dependent: no table for them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, enabled: bool = True) -> None:
+        decode = _backend_decode(tokenizer)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+        self._decode = decode if enabled and byte_level else None
+        self._added = frozenset(backend.get_added_tokens_decoder()) if self._decode is not None else frozenset()
+        self._pieces: dict[int, str | None] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._decode is not None
+
+    def get(self, token_id: int) -> str | None:
+        """The token's context-free text, or None when it has none (use the slow path)."""
+        piece = self._pieces.get(token_id, _UNSEEN)
+        return self._learn(token_id) if piece is _UNSEEN else piece
+
+    def _learn(self, token_id: int) -> str | None:
+        piece = None
+        if self._decode is not None and token_id not in self._added:
+            text = self._decode([token_id], skip_special_tokens=False)
+            piece = text if text and _REPLACEMENT not in text else None
+        self._pieces[token_id] = piece
+        return piece
 
 
 class IncrementalDetokenizer:
@@ -65,10 +111,14 @@ class IncrementalDetokenizer:
         tokenizer: Tokenizer,
         prompt_token_ids: Sequence[int],
         skip_special_tokens: bool = True,
+        pieces: TokenPieces | None = None,
     ) -> None:
+        """`pieces`: the tokenizer's shared `TokenPieces` (the engine passes one); a private
+        table is built when None."""
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._backend_decode = _backend_decode(tokenizer)
+        self._pieces = (pieces if pieces is not None else TokenPieces(tokenizer)) if self._backend_decode else None
         context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         context_text = self._decode(context)
         if context_text.endswith(_REPLACEMENT):
@@ -95,6 +145,10 @@ class IncrementalDetokenizer:
         """Append generated tokens; return the text they completed (possibly "")."""
         if not token_ids:
             return ""
+        if self._clean and len(token_ids) == 1:
+            piece = self._pieces.get(token_ids[0])  # type: ignore[union-attr] - _clean implies a table
+            if piece is not None:
+                return self._push_piece(token_ids[0], piece)
         self._ids.extend(token_ids)
         new = self._decode(self._ids[self._prefix_offset :])[len(self._prefix_text) :]
         if not new:
@@ -116,6 +170,22 @@ class IncrementalDetokenizer:
         if new:
             self._slide()
         return self._emit(delta, 0)
+
+    def _push_piece(self, token_id: int, piece: str) -> str:
+        """The fast path of `push` (nothing held back, a context-free token): the slow path
+        would decode window + [token_id], find `piece` past the window's text, emit it and
+        slide, leaving the window [token_id] with text `piece`. Do exactly that, undecoded."""
+        self._ids = [token_id]
+        self._read_offset = 1
+        self._prefix_text = piece
+        self._chunks.append(piece)
+        return piece
+
+    @property
+    def _clean(self) -> bool:
+        """The fast path applies: a table, and every pushed token's text emitted (the window
+        holds only emitted tokens, nothing is held back)."""
+        return self._pieces is not None and self._read_offset == len(self._ids) and not self._pending_emitted
 
     def _emit(self, delta: str, pending_emitted: int) -> str:
         self._pending_emitted = pending_emitted

@@ -23,7 +23,7 @@ import torch
 
 from radixserve.runtime.config import EngineConfig
 from radixserve.runtime.constraints import ConstraintCompiler
-from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker
+from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces
 from radixserve.runtime.engine_loop import Abort, AddRequests, Call, EngineLoop
 from radixserve.runtime.errors import EngineDead, PromptTooLong, QueueFull
 from radixserve.runtime.kv_cache import KVCache
@@ -110,6 +110,8 @@ class Engine:
             )
         self.max_model_len = min(config.max_model_len or positions, num_pages * config.page_size)
         self.chat_template: str | None = getattr(self.tokenizer, "chat_template", None)
+        # Shared by every request's detokenizer (its fast path; filled on the engine thread).
+        self._token_pieces = TokenPieces(self.tokenizer)
         self.eos_token_ids = _eos_ids(resolved.config, self.tokenizer)
         self.vocab_size = resolved.config.vocab_size
         self._constraints: ConstraintCompiler | None = None  # built on first use (slow)
@@ -349,7 +351,7 @@ class Engine:
         requests = []
         for i in range(params.n):
             req = Request(rid, i, ids, params, on_delta, cache_salt)
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, self._token_pieces)
             req.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
             req.matcher = None if matcher is None else (matcher if i == 0 else matcher.copy())
             if params.seed is not None:

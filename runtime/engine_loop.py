@@ -48,7 +48,7 @@ from typing import Any, Callable, Union
 from radixserve.runtime.model_runner import Carry, ModelRunner, PendingStep, StepOutput
 from radixserve.runtime.output_processor import OutputLimits, final_delta, process_sampled_token
 from radixserve.runtime.outputs import FinishReason, StreamDelta
-from radixserve.runtime.request import Request
+from radixserve.runtime.request import Request, RequestStatus
 from radixserve.runtime.scheduler import ScheduledBatch, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,9 @@ class EngineLoop:
         self.failed: BaseException | None = None
         self._stop = threading.Event()
         self._by_id: dict[str, list[Request]] = {}
+        # Live requests (in `_by_id`) whose next step needs their token on the host first
+        # (`_needs_host_token`): while there are none, `_can_speculate` need not look.
+        self._host_bound = 0
 
     # ------------------------------------------------------------------ thread body
     def run_forever(self) -> None:
@@ -183,7 +186,7 @@ class EngineLoop:
         t.steps += 1
         t.host_s += total - wait
         t.wait_s += wait
-        if batch is not None and batch.seqs and all(s.num_new == 1 for s in batch.seqs):
+        if batch is not None and batch.seqs and batch.all_decode:
             t.decode_steps += 1
             t.decode_host_s += total - wait
             t.decode_wait_s += wait
@@ -217,7 +220,7 @@ class EngineLoop:
         try:
             batch = self.scheduler.schedule()
             if batch.seqs:
-                carry = Carry(prev, frozenset(id(r) for r in placeholders)) if placeholders else None
+                carry = Carry(prev, frozenset(map(id, placeholders))) if placeholders else None
                 try:
                     pending = self.runner.launch(batch, carry)
                 except Exception as exc:  # noqa: BLE001 - handled below, once placeholders are gone
@@ -245,9 +248,11 @@ class EngineLoop:
         """True when the next step can be planned before this one's tokens reach the host:
         no request that samples in it needs its token on the host first (a grammar mask for
         the next step, penalties over its output history)."""
+        if not self._host_bound:
+            return True
         for seq in pending.batch.seqs:
             req = seq.request
-            if seq.sample and not req.is_finished and (req.matcher is not None or req.params.uses_penalties):
+            if seq.sample and not req.is_finished and _needs_host_token(req):
                 return False
         return True
 
@@ -307,7 +312,7 @@ class EngineLoop:
             t = self.timing
             t.device_s += pending.device_s
             t.profiled_steps += 1
-            if all(s.num_new == 1 for s in pending.batch.seqs):
+            if pending.batch.all_decode:
                 t.decode_device_s += pending.device_s
                 t.profiled_decode_steps += 1
         return pending.wait_s
@@ -323,6 +328,7 @@ class EngineLoop:
             if isinstance(command, AddRequests):
                 for req in command.requests:
                     self._by_id.setdefault(req.request_id, []).append(req)
+                    self._host_bound += _needs_host_token(req)
                     self.scheduler.add(req)
             elif isinstance(command, Call):
                 try:
@@ -335,13 +341,16 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ results
     def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> None:
-        for i, seq in enumerate(batch.seqs):
+        counters = self.scheduler.counters
+        limits = self.limits
+        finished = RequestStatus.FINISHED
+        for seq, token_id, logprob, prompt_lps in zip(batch.seqs, out.token_ids, out.logprobs, out.prompt_logprobs):
             req = seq.request
-            if req.is_finished:
+            if req.status is finished:
                 continue
             try:
-                if out.prompt_logprobs[i]:
-                    self._record_prompt_logprobs(req, seq.start + seq.logits_from, out.prompt_logprobs[i])
+                if prompt_lps:
+                    self._record_prompt_logprobs(req, seq.start + seq.logits_from, prompt_lps)
                 if not seq.sample:
                     continue
                 if req.params.max_tokens == 0:
@@ -349,8 +358,8 @@ class EngineLoop:
                     continue
                 if req.first_token_at is None:
                     req.first_token_at = time.monotonic()
-                delta = process_sampled_token(req, out.token_ids[i], out.logprobs[i], self.limits)
-                self.scheduler.counters.generation_tokens += len(delta.token_ids)
+                delta = process_sampled_token(req, token_id, logprob, limits)
+                counters.generation_tokens += len(delta.token_ids)
                 if delta.finish_reason is not None:
                     self._release(req)
                 self._emit(req, delta)
@@ -381,6 +390,7 @@ class EngineLoop:
         siblings = self._by_id.get(req.request_id)
         if siblings is not None:
             siblings.remove(req)
+            self._host_bound -= _needs_host_token(req)
             if not siblings:
                 del self._by_id[req.request_id]
 
@@ -409,3 +419,9 @@ class EngineLoop:
                 s.allocator.num_free, s.allocator.num_pages, s.counters.cached_tokens,
                 s.counters.queried_tokens,
             )
+
+
+def _needs_host_token(req: Request) -> bool:
+    """A request whose next step depends on the host having seen its last token: a grammar
+    mask, or penalties over its output history. Fixed for the request's lifetime."""
+    return req.matcher is not None or req.params.uses_penalties

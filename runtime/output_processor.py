@@ -36,14 +36,21 @@ def process_sampled_token(
     req: Request, token_id: int, logprob: TokenLogprob | None, limits: OutputLimits
 ) -> StreamDelta:
     """Append `token_id` (plus any grammar-forced tokens) to `req` and return the delta to
-    emit. Sets `req.finish_reason` when the request must end; the caller releases it."""
+    emit. Sets `req.finish_reason` when the request must end; the caller releases it.
+
+    Runs once per running request per step on the thread that feeds the device, so it reads
+    each attribute once, builds log-probability lists only when they were asked for, and
+    clips to the token budget only when a grammar forced extra tokens (cost measured by
+    benchmarks/host_overhead.py)."""
     params = req.params
-    if req.matcher is not None and req.matcher.is_error():
+    matcher = req.matcher
+    if matcher is not None and matcher.is_error():
         # Went into error while filling this step's mask: the token (EOS, the only one the
         # mask allowed) is not output.
-        return final_delta(req, "error", grammar_error_message(req.matcher))
+        return final_delta(req, "error", grammar_error_message(matcher))
     new_ids = [token_id]
-    new_logprobs = [logprob] if logprob is not None else []
+    wants_logprobs = req.logprobs is not None
+    new_logprobs = [logprob] if wants_logprobs and logprob is not None else []
     finish: FinishReason | None = None
     stop_reason: str | int | None = None
 
@@ -52,49 +59,56 @@ def process_sampled_token(
         finish, stop_reason, ended_by_token = "stop", token_id, True
     elif token_id in limits.eos_token_ids and not params.ignore_eos:
         finish, ended_by_token = "stop", True
-    elif req.matcher is not None:
-        finish, error = _advance_grammar(req, new_ids, new_logprobs)
+    elif matcher is not None:
+        finish, error = _advance_grammar(req, new_ids, new_logprobs if wants_logprobs else None)
         if finish == "error":
             return final_delta(req, "error", error)
 
-    budget = min(params.max_tokens - len(req.output_ids), limits.max_model_len - req.num_tokens)
-    del new_ids[max(budget, 1) :]  # forced tokens never overrun max_tokens or the context
-    del new_logprobs[len(new_ids) :]
-    req.output_ids.extend(new_ids)
-    if req.logprobs is not None:
+    output_ids = req.output_ids
+    if len(new_ids) > 1:  # forced tokens never overrun max_tokens or the context
+        budget = min(params.max_tokens - len(output_ids), limits.max_model_len - req.num_tokens)
+        del new_ids[max(budget, 1) :]
+        del new_logprobs[len(new_ids) :]
+    output_ids.extend(new_ids)
+    if wants_logprobs:
         req.logprobs.extend(new_logprobs)
 
     # A stop token or EOS ends the text without appearing in it.
     text, matched = ("", None) if ended_by_token else req.stop_checker.feed(req.detokenizer.push(new_ids))
     if matched is not None:
         finish, stop_reason = "stop", matched
+    num_prompt = len(req.prompt_ids)
     if finish is None and (
-        len(req.output_ids) >= params.max_tokens or req.num_tokens >= limits.max_model_len
+        len(output_ids) >= params.max_tokens or num_prompt + len(output_ids) >= limits.max_model_len
     ):
         finish = "length"
     if finish is not None:
-        if matched is None:  # release what the detokenizer still holds (half a character)
-            tail, matched = req.stop_checker.feed(req.detokenizer.flush())
-            text += tail
-            if matched is not None:
-                stop_reason = matched
-        if matched is None:
-            text += req.stop_checker.flush()
+        text, stop_reason = _finish_text(req, text, matched, stop_reason)
         req.finish_reason, req.stop_reason = finish, stop_reason
-    return StreamDelta(
-        request_id=req.request_id,
-        index=req.index,
-        text=text,
-        token_ids=new_ids,
-        finish_reason=finish,
-        stop_reason=stop_reason,
-        logprobs=new_logprobs if req.logprobs is not None else None,
-        prompt_tokens=len(req.prompt_ids),
-        cached_tokens=req.cached_tokens or 0,
-        completion_tokens=len(req.output_ids),
-        prompt_logprobs=req.prompt_logprobs if finish is not None else None,
-        prompt_token_ids=req.prompt_ids if finish is not None else None,
+    # The leading fields positionally (request_id, index, text, token_ids, finish_reason,
+    # stop_reason, logprobs): parsing a dozen keywords costs twice the rest of the call.
+    delta = StreamDelta(
+        req.request_id, req.index, text, new_ids, finish, stop_reason, new_logprobs if wants_logprobs else None,
+        prompt_tokens=num_prompt, cached_tokens=req.cached_tokens or 0, completion_tokens=len(output_ids),
     )
+    if finish is not None:
+        delta.prompt_logprobs = req.prompt_logprobs
+        delta.prompt_token_ids = req.prompt_ids
+    return delta
+
+
+def _finish_text(req: Request, text: str, matched: str | None, stop_reason: str | int | None) -> tuple[str, str | int | None]:
+    """The last delta's text and stop reason: unless a stop string already matched, release
+    what the detokenizer still holds (half a character) through the stop checker, then what
+    the checker held back as a possible stop-string prefix."""
+    if matched is None:
+        tail, matched = req.stop_checker.feed(req.detokenizer.flush())
+        text += tail
+        if matched is not None:
+            stop_reason = matched
+    if matched is None:
+        text += req.stop_checker.flush()
+    return text, stop_reason
 
 
 def grammar_error_message(matcher: Any, context: str = "") -> str:
@@ -105,11 +119,12 @@ def grammar_error_message(matcher: Any, context: str = "") -> str:
 
 
 def _advance_grammar(
-    req: Request, new_ids: list[int], new_logprobs: list[TokenLogprob]
+    req: Request, new_ids: list[int], new_logprobs: list[TokenLogprob] | None
 ) -> tuple[FinishReason | None, str | None]:
-    """Consume the sampled token and append the forced ones: (finish, error message). The
-    finish is "error" when the matcher refused a token or went into error on the way (a
-    resource limit); nothing more is appended then."""
+    """Consume the sampled token and append the forced ones (and, unless `new_logprobs` is
+    None, their log-probability entries): (finish, error message). The finish is "error" when
+    the matcher refused a token or went into error on the way (a resource limit); nothing more
+    is appended then."""
     matcher = req.matcher
     if not matcher.consume(new_ids[0]):
         return "error", grammar_error_message(matcher, f"sampled token {new_ids[0]} refused: ")
@@ -124,7 +139,8 @@ def _advance_grammar(
         if not matcher.consume(tok):
             return "error", grammar_error_message(matcher, f"forced token {tok} refused: ")
         new_ids.append(tok)
-        new_logprobs.append(TokenLogprob(tok, 0.0))
+        if new_logprobs is not None:
+            new_logprobs.append(TokenLogprob(tok, 0.0))
     return ("stop" if forced and matcher.is_finished() else None), None
 
 

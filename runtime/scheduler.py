@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable
+from functools import cached_property
+from typing import Iterable, NamedTuple
 
 from radixserve.radix import PageAllocator, RadixCache
 from radixserve.runtime.config import EngineConfig
@@ -30,13 +31,13 @@ from radixserve.runtime.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):
     """One request's share of a step: tokens all_ids[start : start + num_new] are computed.
     `sample` is True when they reach the end of the sequence (the last row's logits draw the
     next token). Logits are computed for new tokens `logits_from .. num_new - 1` (offsets
     within this chunk): the last one when sampling, none (`logits_from == num_new`) for a
-    middle prefill chunk, more when prompt log-probabilities are wanted."""
+    middle prefill chunk, more when prompt log-probabilities are wanted. A NamedTuple, not a
+    frozen dataclass: one is built per running request per step, at a third of the cost."""
 
     request: Request
     start: int
@@ -57,6 +58,12 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new for s in self.seqs)
+
+    @cached_property
+    def all_decode(self) -> bool:
+        """Every seq computes one token (a decode step). Cached: the engine loop's timing reads
+        it for every step, twice with overlap."""
+        return all(s.num_new == 1 for s in self.seqs)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -137,15 +144,20 @@ class Scheduler:
         seqs: list[ScheduledSeq] = []
         preempted_before = self.counters.preemptions
 
+        running = RequestStatus.RUNNING
+        page_size = self.page_size
         for req in list(self.running):
             if budget <= 0:
                 break
-            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+            if req.status is not running:  # preempted earlier in this loop
                 continue
-            num_new = min(req.num_uncomputed, budget)
+            # = min(req.num_uncomputed, budget), without two property calls per request
+            num_new = min(len(req.prompt_ids) + len(req.output_ids) - req.num_computed, budget)
             if num_new <= 0:
                 continue
-            if not self._reserve(req, num_new, seqs):
+            # Pages already hold the new tokens (most decode steps): nothing to reserve.
+            fits = req.num_computed + num_new <= len(req.pages) * page_size
+            if not fits and not self._reserve(req, num_new, seqs):
                 self.preempt(req)  # nothing left to evict or preempt: wait for pages
                 continue
             seqs.append(self._scheduled(req, num_new))
@@ -166,10 +178,13 @@ class Scheduler:
     def _scheduled(self, req: Request, num_new: int) -> ScheduledSeq:
         start = req.num_computed
         end = start + num_new
-        sample = end == req.num_tokens
+        num_prompt = len(req.prompt_ids)
+        sample = end == num_prompt + len(req.output_ids)
+        if sample and num_new == 1 and start >= num_prompt:
+            return ScheduledSeq(req, start, 1, True, 0)  # decode: the common case, nothing to check
         logits_from = end - 1 if sample else end  # a middle prefill chunk needs no logits
         p = req.params
-        if p.prompt_logprobs is not None and start < len(req.prompt_ids):
+        if p.prompt_logprobs is not None and start < num_prompt:
             # logits at position t score token t+1; prompt tokens from `prompt_logprobs_start`
             first_row = max(p.prompt_logprobs_start - 1, 0)
             logits_from = min(max(first_row, start), logits_from)
@@ -178,12 +193,13 @@ class Scheduler:
     def postprocess_computed(self, batch: ScheduledBatch) -> None:
         """Advance `num_computed` for every scheduled request and hand finished prefill chunks to
         the tree, so requests waiting on the same prefix hit it next step."""
+        running = RequestStatus.RUNNING
         for seq in batch.seqs:
             req = seq.request
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running:
                 continue
-            was_prefill = req.in_prefill
-            req.num_computed = seq.end
+            was_prefill = req.num_computed < len(req.prompt_ids)  # = req.in_prefill, inlined (hot)
+            req.num_computed = seq.start + seq.num_new
             if was_prefill:
                 self._cache_computed(req)
 

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker, TextStream
+from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker, TextStream, TokenPieces
 
 REPLACEMENT = "\ufffd"
 
@@ -154,6 +154,51 @@ def test_special_token_only_pushes(tok: Any) -> None:
     assert detok.push([]) == ""
     keep = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
     assert keep.push([end]) == "<|im_end|>"
+
+
+def test_fast_path_matches_slow_path(tok: Any, byte_tokens: dict[int, int]) -> None:
+    """The table fast path (one context-free token, nothing held back) emits the same delta at
+    every push, and leaves the same state, as decoding the window: random mixes of multi-byte
+    characters split into byte tokens, stray invalid bytes, whole-word tokens, random
+    vocabulary ids and special tokens, pushed one at a time and in chunks, both skip modes."""
+    fast_table = TokenPieces(tok)
+    assert fast_table.enabled and not TokenPieces(tok, enabled=False).enabled
+    rng = random.Random(7)
+    vocab = len(tok)
+    alphabet = "aZ é你😀\nß€𝄞"
+    for trial in range(150):
+        generated: list[int] = []
+        for _ in range(rng.randrange(1, 25)):
+            kind = rng.randrange(4)
+            if kind == 0:
+                generated.append(rng.randrange(vocab))
+            elif kind == 1:
+                generated.append(rng.randrange(17))  # a special token
+            elif kind == 2:
+                data = rng.choice(alphabet).encode()
+                if rng.random() < 0.2:
+                    data += bytes([rng.choice([0x80, 0xBF, 0xE4, 0xF0, 0xC3])])
+                generated += [byte_tokens[b] for b in data if b in byte_tokens]
+            else:
+                generated += tok.encode(rng.choice(TEXTS))[:3]
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(0, 6))]
+        skip = trial % 2 == 0
+        fast = IncrementalDetokenizer(tok, prompt, skip, fast_table)
+        slow = IncrementalDetokenizer(tok, prompt, skip, TokenPieces(tok, enabled=False))
+        chunks = [[t] for t in generated] if trial % 3 else _chunks(generated, rng)
+        for chunk in chunks:
+            assert fast.push(chunk) == slow.push(chunk), (prompt, generated)
+            assert fast.__dict__.keys() == slow.__dict__.keys()
+            for key in ("_ids", "_prefix_offset", "_read_offset", "_prefix_text", "_pending_emitted"):
+                assert getattr(fast, key) == getattr(slow, key), (key, prompt, generated)
+        assert fast.flush() == slow.flush()
+        assert fast.text == slow.text == tok.decode(generated, skip_special_tokens=skip)
+
+
+def test_no_fast_path_for_context_dependent_decoders() -> None:
+    """SentencePiece-style decoders strip the first token's space and merge byte tokens: the
+    text of a token depends on its neighbours, so no table is built."""
+    assert not TokenPieces(_sentencepiece_tokenizer()).enabled
 
 
 WORDS = ["▁Hello", "▁world", "Hello", "▁", "!", "▁the", "s", "▁你好", ",", "▁a"]
