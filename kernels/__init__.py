@@ -3,7 +3,8 @@
 Every op `<name>` (Triton launcher, CUDA tensors or the Triton interpreter) has a twin
 `<name>_reference` with the same signature (PyTorch, any device; the CPU serving path and the
 test oracle). `TRITON_OPS` and `REFERENCE_OPS` map op names to the two implementations for the
-runtime's registry. Importing this package does not need Triton: without it, `HAS_TRITON` is
+runtime's registry; `CPU_OPS` holds the faster CPU versions of some of them (kernels/cpu_ops.py),
+which the runtime's "cpu" backend lays over the references. Importing this package does not need Triton: without it, `HAS_TRITON` is
 False, the launchers raise RuntimeError, and the references work.
 
 Ops:
@@ -32,6 +33,7 @@ from typing import Callable
 
 from ._common import HAS_TRITON
 from .activation import silu_and_mul, silu_and_mul_reference
+from .cpu_ops import CPU_OPS
 from .decode_attention import decode_attention, decode_attention_reference
 from .extend_attention import extend_attention, extend_attention_reference
 from .kv_store import store_kv, store_kv_reference
@@ -70,6 +72,7 @@ __all__ = [
     "HAS_TRITON",
     "TRITON_OPS",
     "REFERENCE_OPS",
+    "CPU_OPS",
     "rope_cos_sin_cache",
     *TRITON_OPS,
     *(f"{name}_reference" for name in TRITON_OPS),

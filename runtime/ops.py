@@ -5,11 +5,13 @@ oracle) and a Triton kernel (the CUDA path), with the same signatures. A model h
 `Ops` object and calls `ops.rms_norm(...)`, `ops.extend_attention(...)`, ... without knowing
 which backend it got. Backends are registered by name:
 
-    "torch"  -> radixserve.kernels.REFERENCE_OPS
+    "torch"  -> radixserve.kernels.REFERENCE_OPS (the plain references, the test oracle)
+    "cpu"    -> the references with radixserve.kernels.CPU_OPS laid over them (fused CPU
+                attention and rotary; CPU tensors only)
     "triton" -> radixserve.kernels.TRITON_OPS
 
-`select_ops(device, "auto")` picks "triton" on CUDA when Triton is importable and "torch"
-otherwise.
+`select_ops(device, "auto")` picks "triton" on CUDA when Triton is importable, "cpu" on the
+CPU, and "torch" otherwise.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def _reference_table() -> Mapping[str, Callable[..., object]]:
     return REFERENCE_OPS
 
 
+def _cpu_table() -> Mapping[str, Callable[..., object]]:
+    from radixserve.kernels import CPU_OPS, REFERENCE_OPS
+
+    return {**REFERENCE_OPS, **CPU_OPS}
+
+
 def _triton_table() -> Mapping[str, Callable[..., object]]:
     from radixserve.kernels import TRITON_OPS
     from radixserve.kernels._common import HAS_TRITON
@@ -59,6 +67,7 @@ def _triton_table() -> Mapping[str, Callable[..., object]]:
 # module (and therefore the runtime) does not import Triton.
 OPS_BACKENDS: Mapping[str, Callable[[], Mapping[str, Callable[..., object]]]] = MappingProxyType({
     "torch": _reference_table,
+    "cpu": _cpu_table,
     "triton": _triton_table,
 })
 
@@ -83,11 +92,15 @@ def _triton_available() -> bool:
 
 
 def select_ops(device: torch.device | str, name: str = "auto") -> Ops:
-    """Ops for `device`: "auto" means Triton on CUDA (when installed), PyTorch otherwise.
+    """Ops for `device`: "auto" means Triton on CUDA (when installed), the fast CPU ops on the
+    CPU, the PyTorch references otherwise.
 
     An explicit name is honored as given (e.g. "torch" on CUDA to compare against the reference).
     """
     device = torch.device(device)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type == "cuda" and _triton_available():
+            name = "triton"
+        else:
+            name = "cpu" if device.type == "cpu" else "torch"
     return build_ops(name)

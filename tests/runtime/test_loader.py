@@ -292,8 +292,9 @@ def test_build_forward_batch_layout():
 
 
 def test_ops_registry():
-    assert select_ops("cpu").name == "torch"
-    assert set(OPS_BACKENDS) == {"torch", "triton"}
+    assert select_ops("cpu").name == "cpu"  # the fast CPU ops over the references
+    assert select_ops("cpu", "torch").name == "torch"
+    assert set(OPS_BACKENDS) == {"torch", "cpu", "triton"}
     assert select_ops("cpu", "triton").name == "triton"  # explicit choice honored (interpreter / CUDA)
-    with pytest.raises(ValueError, match="unknown ops backend 'cuda'.*torch, triton"):
+    with pytest.raises(ValueError, match="unknown ops backend 'cuda'.*torch, cpu, triton"):
         select_ops("cpu", "cuda")

@@ -1,0 +1,172 @@
+"""The fast CPU ops (kernels/cpu_ops.py) against float64 oracles and the plain references.
+
+Pages are laid out two ways: scattered at random (the gather path) and, after `_relayout`, as
+ascending runs per request (the zero-copy view path the allocator usually allows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernel_test_utils import assert_close, make_paged_batch, naive_extend
+from radixserve.kernels import (
+    apply_rotary_reference,
+    decode_attention_reference,
+    extend_attention_reference,
+    rope_cos_sin_cache,
+    shared_prefix_decode_attention_reference,
+)
+from radixserve.kernels.cpu_ops import (
+    CPU_OPS,
+    apply_rotary_cpu,
+    decode_attention_cpu,
+    extend_attention_cpu,
+    paged_tokens,
+    shared_prefix_decode_attention_cpu,
+)
+from test_kernel_attention import CASCADE, MIXED, _cascade_case, _decode_args, _extend_args
+
+TOL = 1e-5
+
+
+def _relayout(cache_k: torch.Tensor, cache_v: torch.Tensor, *tables: torch.Tensor, lens: list[list[int]]):
+    """Renumber pages in order of first use (rows of `tables` in turn, the first lens[t][r]
+    pages of row r), so each row's pages become an ascending run; returns new caches and tables.
+    The K/V each row reads is unchanged."""
+    order: list[int] = []
+    seen: set[int] = set()
+    for table, row_lens in zip(tables, lens):
+        for row, n in zip(table.tolist(), row_lens):
+            for p in row[:n]:
+                if p not in seen:
+                    seen.add(p)
+                    order.append(p)
+    order += [p for p in range(cache_k.shape[0]) if p not in seen]
+    new_of = torch.empty(len(order), dtype=torch.int32)
+    new_of[torch.tensor(order)] = torch.arange(len(order), dtype=torch.int32)
+    idx = torch.tensor(order)
+    return (cache_k[idx].contiguous(), cache_v[idx].contiguous(), *(new_of[t.long()] for t in tables))
+
+
+def _pages(lengths, page_size):
+    return [-(-n // page_size) for n in lengths]
+
+
+def _contiguous_batch(b, page_size):
+    b.k_cache, b.v_cache, b.page_table = _relayout(b.k_cache, b.v_cache, b.page_table,
+                                                   lens=[_pages(b.seq_lens.tolist(), page_size)])
+    return b
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["gathered", "views"])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_extend_cpu_matches_float64_and_reference(page_size, group, contiguous):
+    # Ragged prefixes and extends, plus a request with no new tokens this step.
+    seq, ext = MIXED[0] + [9], MIXED[1] + [0]
+    b = make_paged_batch(seq, ext, page_size=page_size, num_kv_heads=2, group=group, head_dim=16, device="cpu",
+                         seed=page_size * 7 + group)
+    if contiguous:
+        b = _contiguous_batch(b, page_size)
+    out = extend_attention_cpu(*_extend_args(b))
+    assert out.dtype == b.q.dtype
+    assert_close(out, naive_extend(b), TOL, "cpu vs float64")
+    assert_close(out, extend_attention_reference(*_extend_args(b)), TOL, "cpu vs reference")
+
+
+def test_extend_cpu_long_prefill_chunks():
+    # More query rows than one chunk of the masked path (512), over a cached prefix.
+    b = make_paged_batch([700, 530], [600, 530], page_size=16, num_kv_heads=1, group=3, head_dim=8, device="cpu",
+                         seed=3)
+    assert_close(extend_attention_cpu(*_extend_args(b)), naive_extend(b), TOL, "long extend")
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["gathered", "views"])
+@pytest.mark.parametrize("page_size,group", [(1, 1), (4, 3), (16, 4)])
+def test_decode_cpu_matches_float64_and_reference(page_size, group, contiguous):
+    lens = [1, 4, 16, 17, 31, 64, 65, 100]
+    b = make_paged_batch(lens, [1] * len(lens), page_size=page_size, num_kv_heads=2, group=group, head_dim=16,
+                         device="cpu", seed=page_size + group)
+    if contiguous:
+        b = _contiguous_batch(b, page_size)
+    expected = naive_extend(b)
+    assert_close(decode_attention_cpu(*_decode_args(b)), expected, TOL, "cpu vs float64")
+    assert_close(decode_attention_cpu(*_decode_args(b, b.max_seq_len + 37)), expected, TOL, "loose bound")
+    assert_close(decode_attention_cpu(*_decode_args(b)), decode_attention_reference(*_decode_args(b)), TOL)
+
+
+def test_decode_cpu_empty_rows_give_zeros():
+    b = make_paged_batch([5, 9, 3], [1, 1, 1], page_size=4, num_kv_heads=2, group=2, head_dim=8, device="cpu")
+    args = list(_decode_args(b))
+    args[4] = torch.tensor([5, 0, 3], dtype=torch.int32)
+    out = decode_attention_cpu(*args)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    assert_close(out, decode_attention_reference(*args), TOL)
+    args[4] = torch.zeros(3, dtype=torch.int32)
+    args[6] = 0
+    assert decode_attention_cpu(*args).abs().max() == 0
+    empty = decode_attention_cpu(b.q[:0], b.k_cache, b.v_cache, b.page_table[:0], b.seq_lens[:0], b.sm_scale, 9)
+    assert empty.shape == (0, *b.q.shape[1:])
+
+
+def _cascade_contiguous(args, page_size, groups, suffixes):
+    q, kc, vc, prefix_pt, prefix_lens, cu, suffix_pt, suffix_lens, *rest = args
+    prefix_n = [n // page_size for n in groups]
+    suffix_n = _pages(suffix_lens.tolist(), page_size)
+    kc, vc, prefix_pt, suffix_pt = _relayout(kc, vc, prefix_pt, suffix_pt, lens=[prefix_n, suffix_n])
+    return (q, kc, vc, prefix_pt, prefix_lens, cu, suffix_pt, suffix_lens, *rest)
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["gathered", "views"])
+@pytest.mark.parametrize("page_size,group", [(1, 3), (4, 1), (8, 4)])
+def test_shared_prefix_cpu_matches_float64_and_reference(page_size, group, contiguous):
+    # CASCADE has a group with an empty prefix and groups of 1..6 requests.
+    args, b = _cascade_case(page_size, group, *CASCADE, device="cpu", seed=page_size + 3)
+    if contiguous:
+        args = _cascade_contiguous(args, page_size, *CASCADE)
+        assert_close(shared_prefix_decode_attention_reference(*args), naive_extend(b), TOL, "relayout oracle")
+    out = shared_prefix_decode_attention_cpu(*args)
+    assert_close(out, naive_extend(b), TOL, "cpu vs float64")
+    assert_close(out, shared_prefix_decode_attention_reference(*args), TOL, "cpu vs reference")
+
+
+def test_paged_tokens_view_and_gather():
+    cache = torch.randn(10, 4, 2, 3)
+    view = paged_tokens(cache, np.array([3, 4, 5, 0], dtype=np.int32), 10)
+    assert view.shape == (10, 2, 3) and view.data_ptr() == cache[3].data_ptr()  # no copy
+    torch.testing.assert_close(view, cache[3:6].reshape(12, 2, 3)[:10], rtol=0, atol=0)
+    gathered = paged_tokens(cache, np.array([5, 3, 4], dtype=np.int32), 9)
+    torch.testing.assert_close(gathered, cache[[5, 3, 4]].reshape(12, 2, 3)[:9], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "separate"])
+def test_rotary_cpu_bit_identical(dtype, fused):
+    t, hq, hkv, d = 7, 6, 2, 16
+    cache = rope_cos_sin_cache(d, 64, 10000.0)
+    positions = torch.randint(0, 64, (t,), generator=torch.Generator().manual_seed(0))
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    if not fused:
+        q, k = q.contiguous(), k.contiguous()
+    q_ref, k_ref = apply_rotary_reference(positions, q, k, cache)
+    q_out, k_out = apply_rotary_cpu(positions, q, k, cache)
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    assert q_out.dtype == dtype and torch.equal(qkv[:, : hq * d].view(t, hq, d), q)  # inputs untouched
+
+
+def test_cpu_backend_lays_cpu_ops_over_the_references():
+    from radixserve.kernels import REFERENCE_OPS
+    from radixserve.runtime.ops import build_ops
+
+    ops = build_ops("cpu")
+    for name, ref in REFERENCE_OPS.items():
+        if hasattr(ops, name):
+            assert getattr(ops, name) is CPU_OPS.get(name, ref)
+    # Validation is the references': bad input fails the same way.
+    b = make_paged_batch([5], [1], page_size=4, num_kv_heads=1, group=1, head_dim=8, device="cpu")
+    with pytest.raises(TypeError, match="page_table must be int32"):
+        decode_attention_cpu(b.q, b.k_cache, b.v_cache, b.page_table.long(), b.seq_lens, b.sm_scale, 5)
