@@ -5,6 +5,8 @@ requests, in one process run, one table, ratios last.
     python -m benchmarks.run gsp-cpu --page-size 16 --no-peer
 
 Absolute figures on a 2-core CPU are noise; the ratios measured side by side are what count.
+On a machine whose cores other jobs share, every parallel op waits at its thread barrier, so
+`--threads 1` (both sides, one process) gives steadier ratios than torch's default.
 """
 
 from __future__ import annotations
@@ -60,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers generate")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both sides (on a shared machine, 1 gives steadier ratios)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     engine = Engine(model=args.model, page_size=args.page_size)
     peer = None if args.no_peer else load_peer(engine)

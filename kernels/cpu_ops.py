@@ -265,9 +265,15 @@ def apply_rotary_cpu(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 # Op name -> CPU implementation; ops not listed here use the reference (see runtime/ops.py).
+# The fused kernel is a private aten op (present since torch 2.3, used by SDPA on the CPU): a
+# torch without it serves attention with the references instead of failing.
+HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
 CPU_OPS = {
-    "decode_attention": decode_attention_cpu,
-    "shared_prefix_decode_attention": shared_prefix_decode_attention_cpu,
-    "extend_attention": extend_attention_cpu,
+    **({
+        "decode_attention": decode_attention_cpu,
+        "shared_prefix_decode_attention": shared_prefix_decode_attention_cpu,
+        "extend_attention": extend_attention_cpu,
+    } if HAS_CPU_FLASH else {}),
     "apply_rotary": apply_rotary_cpu,
 }
