@@ -79,11 +79,12 @@ class _NarrowLogits(torch.nn.Module):
 
 
 class _Instrument:
-    """Wraps the engine thread's `step` and the runner's `launch` to time each decode step
-    (and pauses `profiler` inside `launch`). Installed as instance attributes, so the engine's
+    """Wraps the engine thread's `step` and the runner's `launch` to time each steady decode
+    step, or every step (`steady_only=False`), and pauses `profiler` inside `launch`. Installed as instance attributes, so the engine's
     own code is untouched."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, steady_only: bool = True) -> None:
+        self.steady_only = steady_only  # False: record every step (admission, prefill, finish)
         self.loop = engine._loop
         self.log = StepLog()
         self.recording = False
@@ -114,7 +115,8 @@ class _Instrument:
             step()
             wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
             # A decode step whose running set did not change: every row is steady-state decode.
-            if self.recording and timing.decode_steps > decode_before and running == len(self.loop.scheduler.running):
+            steady = timing.decode_steps > decode_before and running == len(self.loop.scheduler.running)
+            if self.recording and (steady or not self.steady_only):
                 log = self.log
                 log.wall.append(wall)
                 log.launch.append(self._launch_s)

@@ -23,13 +23,16 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, Literal, NamedTuple
 
 from radixserve.radix import PageAllocator, RadixCache
 from radixserve.runtime.config import EngineConfig
 from radixserve.runtime.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+
+# What `Scheduler._admit` did with a waiting request.
+Admission = Literal["admitted", "deferred", "no_pages"]
 
 class ScheduledSeq(NamedTuple):
     """One request's share of a step: tokens all_ids[start : start + num_new] are computed.
@@ -163,17 +166,26 @@ class Scheduler:
             seqs.append(self._scheduled(req, num_new))
             budget -= num_new
 
+        if self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            self._admit_waiting(budget, seqs)
+
+        self.counters.steps += 1
+        return ScheduledBatch(tuple(seqs), self.counters.preemptions - preempted_before)
+
+    def _admit_waiting(self, budget: int, seqs: list[ScheduledSeq]) -> None:
+        """Admit waiting requests (cache-aware order) while budget, slots and pages last."""
+        prefilling = self._prefilling_by_first_page()
         for req in self._waiting_in_order():
             if budget <= 0 or len(self.running) >= self.config.max_running:
                 break
-            if not self._admit(req, budget, seqs):
+            admission = self._admit(req, budget, seqs, prefilling)
+            if admission == "no_pages":
+                break  # the requests behind it would not find pages either: stop trying this step
+            if admission == "deferred":
                 continue
             num_new = min(req.num_uncomputed, budget)
             seqs.append(self._scheduled(req, num_new))
             budget -= num_new
-
-        self.counters.steps += 1
-        return ScheduledBatch(tuple(seqs), self.counters.preemptions - preempted_before)
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledSeq:
         start = req.num_computed
@@ -226,13 +238,17 @@ class Scheduler:
             limit = min(limit, max(req.params.prompt_logprobs_start - 1, 0))
         return req.tokens(0, limit)
 
-    def _admit(self, req: Request, budget: int, seqs: list[ScheduledSeq]) -> bool:
+    def _admit(self, req: Request, budget: int, seqs: list[ScheduledSeq],
+               prefilling: dict[tuple[Any, ...], list[Request]]) -> Admission:
+        """Move `req` from waiting to running with pages for its first chunk: "admitted";
+        "deferred" when it should wait for a running request to cache its prefix; "no_pages"
+        when the pool cannot hold its first chunk even after eviction."""
         tokens = self._match_tokens(req)
         if self.tree is not None:
             match = self.tree.match_prefix(tokens, req.cache_salt)
             matched, pages, node = match.num_tokens, list(match.pages), match.node
-            if self._should_wait_for_prefix(req, matched):
-                return False
+            if self._should_wait_for_prefix(req, matched, prefilling):
+                return "deferred"
             self.tree.lock(node)
         else:
             matched, pages, node = 0, [], None
@@ -248,25 +264,39 @@ class Scheduler:
             self.running.remove(req)
             self._release(req, cache=False)
             req.status = RequestStatus.WAITING
-            return False
+            return "no_pages"
         self.waiting.remove(req)
+        prefilling.setdefault(self._first_page_key(req), []).append(req)
         if req.cached_tokens is None:  # first admission (not a re-admission after preemption)
             req.cached_tokens = matched
             self.counters.queried_tokens += len(req.prompt_ids)
             self.counters.cached_tokens += matched
             self.counters.prompt_tokens += len(req.prompt_ids)
-        return True
+        return "admitted"
 
-    def _should_wait_for_prefix(self, req: Request, matched: int) -> bool:
+    def _first_page_key(self, req: Request) -> tuple[Any, ...]:
+        return (req.cache_salt, *req.prompt_ids[: self.page_size])
+
+    def _prefilling_by_first_page(self) -> dict[tuple[Any, ...], list[Request]]:
+        """Running requests still in prefill, by cache salt and first page of the prompt: the
+        only ones a waiting request can share a whole page with (built once per step)."""
+        index: dict[tuple[Any, ...], list[Request]] = {}
+        if self.tree is None:
+            return index
+        for other in self.running:
+            if other.num_computed < len(other.prompt_ids):  # = other.in_prefill, inlined (hot)
+                index.setdefault(self._first_page_key(other), []).append(other)
+        return index
+
+    def _should_wait_for_prefix(self, req: Request, matched: int,
+                                prefilling: dict[tuple[Any, ...], list[Request]]) -> bool:
         """True when a request that is still prefilling will cache at least one more whole page
         of this request's prompt: waiting a step costs less than computing it twice. The other
         request is running, so it gets budget first and the wait always ends."""
         ids: list[int] | None = None
-        first_page = req.prompt_ids[: self.page_size]
-        for other in self.running:
-            # Sharing less than the first page shares nothing: skip those cheaply.
-            if not other.in_prefill or other.cache_salt != req.cache_salt or other.prompt_ids[: self.page_size] != first_page:
-                continue
+        for other in prefilling.get(self._first_page_key(req), ()):
+            if other.status is not RequestStatus.RUNNING or not other.in_prefill:
+                continue  # preempted or done prefilling since the index was built
             if ids is None:
                 ids = req.tokens(0, req.num_tokens - 1)
             shared = common_prefix_len(ids, other.prompt_ids)

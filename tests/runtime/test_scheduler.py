@@ -97,6 +97,36 @@ def test_outputs_do_not_depend_on_pool_size_and_preemption() -> None:
     assert_no_leak(small)
 
 
+def test_waiting_prompts_are_not_matched_while_running_is_full() -> None:
+    """Cache-aware ordering matches every waiting prompt against the tree; that is skipped while
+    the running set is full, so a long queue behind it costs no per-step matching (the radix
+    cache's host cost on a workload that shares nothing; benchmarks/radix_cost.py)."""
+    sched = Scheduler(EngineConfig(page_size=4, max_batch_tokens=4096, max_running=4), num_pages=200)
+    tree = sched.tree
+    calls = [0]
+    original = tree.match_prefix
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    tree.match_prefix = counting
+    rng = random.Random(3)
+    reqs = [make_request(f"r{i}", [rng.randrange(10, 5000) for _ in range(40)], 30) for i in range(40)]
+    for r in reqs:
+        sched.add(r)
+    sched.postprocess_computed(sched.schedule())  # admits 4: the running set is full
+    assert len(sched.running) == 4
+    before = calls[0]
+    for _ in range(5):
+        batch = sched.schedule()
+        sched.postprocess_computed(batch)
+        for seq in batch.seqs:
+            if seq.sample:
+                seq.request.output_ids.append(fake_token(seq.request.all_ids))
+    assert calls[0] == before  # full: the 36 waiting prompts are not matched again
+
+
 def test_chunked_prefill_respects_budget() -> None:
     sched = Scheduler(EngineConfig(page_size=1, max_batch_tokens=16), num_pages=512)
     req = make_request("long", list(range(10, 110)), 3)
