@@ -127,7 +127,12 @@ def _advance_grammar(
     is appended then."""
     matcher = req.matcher
     if not matcher.consume(new_ids[0]):
-        return "error", grammar_error_message(matcher, f"sampled token {new_ids[0]} refused: ")
+        # The mask allowed it, so the grammar contradicts itself on this vocabulary: it needs
+        # bytes that no token spells in a way it accepts (e.g. a character whose UTF-8 lead
+        # byte has no token of its own).
+        return "error", grammar_error_message(
+            matcher, f"the grammar refused token {new_ids[0]}, which its own mask allowed (it needs text this "
+            "model's vocabulary cannot spell): ")
     if matcher.is_error():
         return "error", grammar_error_message(matcher)
     if matcher.is_finished():
