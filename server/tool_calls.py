@@ -247,20 +247,11 @@ def tool_call_constraint(
 
 
 def _bounded_schema(schema: Any, limits: ConstraintLimits) -> dict[str, Any]:
-    """`schema` with our JSON options (to embed with `%json`) and, when `limits` sets JSON
-    bounds (`ConstraintLimits.json_max_items`...), tightened by them; with fewer bounds
-    (`json_bound_fallbacks`) if the tightened schema does not compile, as the compiler does
-    for json_schema."""
-    from radixserve.runtime.constraints.compiler import json_schema_grammar, schema_with_options
+    """`schema` with our JSON options (to embed with `%json`), tightened by as many of the JSON
+    bounds of `limits` as it compiles with (`compiling_bounds`, as for json_schema)."""
+    from radixserve.runtime.constraints.compiler import compiling_bounds, schema_with_options
 
-    import llguidance
-
-    chain = limits.json_bound_fallbacks()
-    for looser in chain[:-1]:
-        bounded = schema_with_options(schema, looser)
-        if not llguidance.LLMatcher.validate_grammar(json_schema_grammar(bounded, None, param="tools")):
-            return bounded
-    return schema_with_options(schema, chain[-1])
+    return schema_with_options(schema, compiling_bounds(schema, limits, param="tools"))
 
 
 def tools_system_prompt(tools: Sequence[Any], parallel_tool_calls: bool = True, tool_choice: Any = None) -> str:

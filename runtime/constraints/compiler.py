@@ -274,23 +274,31 @@ def _cap_magnitude(node: dict[str, Any], bound: int) -> None:
         node["minimum"] = -bound
 
 
-def _keys_anywhere(schema: Any, keys: frozenset[str]) -> bool:
-    """Whether any (sub)schema of `schema` uses one of `keys` (data values are not looked into)."""
-    if isinstance(schema, list):
-        return any(_keys_anywhere(item, keys) for item in schema)
-    if not isinstance(schema, dict):
-        return False
-    for key, value in schema.items():
-        if key in keys:
-            return True
-        if key in _DATA_KEYS:
+def _schema_entries(node: Any, stop: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    """(keyword, value) of every keyword of `node` and of its subschemas, outermost first.
+    Data values (`enum`, `const`, ...) are not looked into, nor are the values of `stop`
+    keywords (they are yielded, not descended into); names in `properties`, `$defs`, ... are
+    names, not keywords."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _schema_entries(item, stop)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        yield key, value
+        if key in _DATA_KEYS or key in stop:
             continue
         if key in _NAME_MAPS and isinstance(value, dict):
-            if any(_keys_anywhere(sub, keys) for sub in value.values()):
-                return True
-        elif _keys_anywhere(value, keys):
-            return True
-    return False
+            for sub in value.values():
+                yield from _schema_entries(sub, stop)
+        else:
+            yield from _schema_entries(value, stop)
+
+
+def _keys_anywhere(schema: Any, keys: frozenset[str]) -> bool:
+    """Whether any (sub)schema of `schema` uses one of `keys` (data values are not looked into)."""
+    return any(key in keys for key, _ in _schema_entries(schema))
 
 
 def tighten_schema(schema: Any, limits: ConstraintLimits) -> Any:
@@ -304,9 +312,9 @@ def tighten_schema(schema: Any, limits: ConstraintLimits) -> Any:
     Subschemas under `not`, `if`, `oneOf` and `contains` are left as they are, and so are the
     root definitions (`$defs`, `definitions`) they can reach through `$ref`, transitively; when
     such a subschema holds a reference that is not a plain `#/$defs/name` pointer (which could
-    lead anywhere), the schema is not tightened at all. Implicit values are not rewritten where `unevaluatedProperties` or
-    `unevaluatedItems` occur (an explicit `additionalProperties` would change what counts as
-    evaluated).
+    lead anywhere), the schema is not tightened at all. Implicit values are not rewritten where
+    `unevaluatedProperties` or `unevaluatedItems` occur (an explicit `additionalProperties`
+    would change what counts as evaluated).
 
     Free values are bounded recursively (`_free_value`, nested at most FREE_VALUE_DEPTH deep).
     With `json_max_properties`, an object in a structural position (a property value, an array
@@ -326,46 +334,6 @@ def tighten_schema(schema: Any, limits: ConstraintLimits) -> Any:
     return _tighten(schema, limits, fill, structural=True, keep_defs=keep)
 
 
-def _non_monotone_parts(node: Any) -> Iterator[Any]:
-    """The subschemas of `node` under `not`, `if`, `oneOf` or `contains` (outermost ones)."""
-    if isinstance(node, list):
-        for item in node:
-            yield from _non_monotone_parts(item)
-        return
-    if not isinstance(node, dict):
-        return
-    for key, value in node.items():
-        if key in _NON_MONOTONE:
-            yield value
-        elif key in _DATA_KEYS:
-            continue
-        elif key in _NAME_MAPS and isinstance(value, dict):
-            for sub in value.values():
-                yield from _non_monotone_parts(sub)
-        else:
-            yield from _non_monotone_parts(value)
-
-
-def _references(node: Any) -> Iterator[Any]:
-    """Every `$ref` / `$dynamicRef` value in `node` (data values are not looked into)."""
-    if isinstance(node, list):
-        for item in node:
-            yield from _references(item)
-        return
-    if not isinstance(node, dict):
-        return
-    for key, value in node.items():
-        if key in ("$ref", "$dynamicRef"):
-            yield value if key == "$ref" else None
-        elif key in _DATA_KEYS:
-            continue
-        elif key in _NAME_MAPS and isinstance(value, dict):
-            for sub in value.values():
-                yield from _references(sub)
-        else:
-            yield from _references(value)
-
-
 def _defs_reached_from_non_monotone(schema: Any) -> frozenset[tuple[str, str]] | None:
     """The root definitions, as (map, name), that a non-monotone subschema reaches through
     `$ref` (transitively): tightening them could loosen a `not`/`oneOf`. None when one of those
@@ -375,9 +343,12 @@ def _defs_reached_from_non_monotone(schema: Any) -> frozenset[tuple[str, str]] |
     defs = {(m, name): sub for m in ("$defs", "definitions") if isinstance(schema.get(m), dict)
             for name, sub in schema[m].items()}
     reached: set[tuple[str, str]] = set()
-    pending = list(_non_monotone_parts(schema))
+    # The outermost subschemas under `not`, `if`, `oneOf`, `contains`, then what they reference.
+    pending = [value for key, value in _schema_entries(schema, stop=_NON_MONOTONE) if key in _NON_MONOTONE]
     while pending:
-        for ref in _references(pending.pop()):
+        refs = [value if key == "$ref" else None for key, value in _schema_entries(pending.pop())
+                if key in ("$ref", "$dynamicRef")]  # a $dynamicRef could lead anywhere: None
+        for ref in refs:
             parts = ref[2:].split("/") if isinstance(ref, str) and ref.startswith("#/") else []
             target = (parts[0], parts[1].replace("~1", "/").replace("~0", "~")) if len(parts) == 2 else None
             if target not in defs:
@@ -554,13 +525,28 @@ def json_schema_grammar(schema: Any, limits: ConstraintLimits | None, param: str
         raise ConstraintError(param, f"cannot compile the schema: {exc}") from None
 
 
+def compiling_bounds(schema: Any, limits: ConstraintLimits, param: str = "json_schema") -> ConstraintLimits:
+    """The first of `limits.json_bound_fallbacks()` under which llguidance compiles `schema`
+    tightened by it (the last, without bounds, when none does: its errors are the schema's
+    own). Bounds can make a schema fail to compile (a `pattern` longer than the string cap,
+    `maxProperties` beside an `allOf`); the schema then keeps as many of them as it can."""
+    import llguidance
+
+    chain = limits.json_bound_fallbacks()
+    for looser in chain[:-1]:
+        if not llguidance.LLMatcher.validate_grammar(json_schema_grammar(tighten_schema(schema, looser), looser, param)):
+            return looser
+    return chain[-1]
+
+
 def _json_schema_grammar(spec: ConstraintSpec, limits: ConstraintLimits) -> str:
     assert isinstance(spec.value, str)
     schema = _load_schema(spec.value, "json_schema")
     if isinstance(schema, dict):
         _check_meta_schema(schema, "json_schema")
         schema = normalize_schema(schema)
-    return json_schema_grammar(tighten_schema(schema, limits), limits)
+    bounds = compiling_bounds(schema, limits)
+    return json_schema_grammar(tighten_schema(schema, bounds), bounds)
 
 
 def _json_object_grammar(spec: ConstraintSpec, limits: ConstraintLimits) -> str:
@@ -716,15 +702,6 @@ class ConstraintCompiler:
         grammar = self.grammar(spec)
         matcher = llguidance.LLMatcher(self._lltok, grammar, log_level=0, limits=self._ll_limits)
         if matcher.is_error() and spec.kind == "json_schema":
-            # The bounds made it fail (e.g. a pattern longer than the string cap): fewer of them.
-            for looser in self.limits.json_bound_fallbacks()[1:]:
-                loose = GRAMMAR_BUILDERS["json_schema"](spec, looser)
-                fallback = llguidance.LLMatcher(self._lltok, loose, log_level=0, limits=self._ll_limits)
-                if not fallback.is_error():
-                    logger.debug("json_schema compiles only with fewer JSON bounds: %s", matcher.get_error())
-                    matcher = fallback
-                    break
-        if matcher.is_error() and spec.kind == "json_schema":
             matcher = self._finite_enum_fallback(spec, matcher)
         if matcher.is_error():
             raise _compile_error(spec, matcher.get_error())
@@ -822,11 +799,6 @@ def check_constraint(spec: ConstraintSpec, limits: ConstraintLimits | None = Non
     _check_size(spec, limits)
     grammar = GRAMMAR_BUILDERS[spec.kind](spec, limits)
     error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error and spec.kind == "json_schema":
-        for looser in limits.json_bound_fallbacks()[1:]:
-            error = llguidance.LLMatcher.validate_grammar(GRAMMAR_BUILDERS[spec.kind](spec, looser))
-            if not error:
-                break
     if error and spec.kind == "json_schema":
         assert isinstance(spec.value, str)
         replacement = finite_enum_schema(json.loads(spec.value), limits.max_choices)

@@ -36,11 +36,11 @@ class ConstraintLimits:
     Optional JSON bounds (None = off, the default): `json_max_string_length` (characters per
     string), `json_max_items` (per array), `json_max_properties` (per object),
     `json_max_integer_digits` (digits of an integer, and of a number's integer part: a
-    `minimum`/`maximum` of -/+ (10**d - 1)) tighten every JSON Schema compiled (`tighten_schema` in compiler.py): they are added to the schema, never
-    loosened, so whatever they admit still validates against the client's schema. They keep a
-    model that repeats itself (small models do, greedily: the same array item or string
-    fragment again and again, or "1000000..." digit after digit) from running to `max_tokens`
-    with an unfinished value. Bounds that would contradict the schema (a `minLength` above the
+    `minimum`/`maximum` of -/+ (10**d - 1)) tighten every JSON Schema compiled (`tighten_schema`
+    in compiler.py): they are added to the schema, never loosened, so whatever they admit still
+    validates against the client's schema. They keep a model that repeats itself (small models
+    do, greedily: the same array item or string fragment again and again, or "1000000..." digit
+    after digit) from running to `max_tokens` with an unfinished value. Bounds that would contradict the schema (a `minLength` above the
     cap, ...) are not applied, and a schema that no longer compiles with them compiles with
     fewer of them (`json_bound_fallbacks`).
     """
