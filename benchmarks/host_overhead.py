@@ -41,6 +41,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -78,7 +79,7 @@ class _NarrowLogits(torch.nn.Module):
         return self.model(*args, **kwargs)[:, : self.width]
 
 
-class _Instrument:
+class StepInstrument:
     """Wraps the engine thread's `step` and the runner's `launch` to time each steady decode
     step, or every step (`steady_only=False`), and pauses `profiler` inside `launch`. Installed as instance attributes, so the engine's
     own code is untouched."""
@@ -138,41 +139,53 @@ class _Instrument:
         self.last_profile, self.profiler = self.profiler, None
 
 
-def run_once(engine: Engine, inst: _Instrument, batch: int, params: SamplingParams, prompt_len: int,
-             seed: int, profile: bool) -> StepLog:
-    """Submit `batch` requests at once and record their steady decode steps."""
+def submit_and_wait(engine: Engine, count: int, params: SamplingParams, prompt_len: int, seed: int,
+                    on_delta: Callable[[StreamDelta], None] | None = None) -> None:
+    """Submit `count` random prompts of `prompt_len` tokens at once and return when all have
+    finished (`on_delta`, when given, sees every delta first)."""
     rng = random.Random(seed)
     done = threading.Event()
-    remaining = [batch]
+    remaining = [count]
     lock = threading.Lock()
-    stamps: dict[str, list[float]] = {}
 
-    def on_delta(delta: StreamDelta) -> None:
-        # What a streaming consumer does per delta (as benchmarks/harness.py's collector).
-        stamps.setdefault(delta.request_id, []).append(time.perf_counter())
+    def count_finished(delta: StreamDelta) -> None:
+        if on_delta is not None:
+            on_delta(delta)
         if delta.finish_reason is not None:
             with lock:
                 remaining[0] -= 1
                 if remaining[0] == 0:
                     done.set()
 
+    for i in range(count):
+        prompt = [rng.randrange(*PROMPT_ID_RANGE) for _ in range(prompt_len)]
+        engine.submit(prompt, params, on_delta=count_finished, request_id=f"bench-{seed}-{i}")
+    done.wait()
+
+
+def run_once(engine: Engine, inst: StepInstrument, batch: int, params: SamplingParams, prompt_len: int,
+             seed: int, profile: bool) -> StepLog:
+    """Submit `batch` requests at once and record their steady decode steps."""
+    stamps: dict[str, list[float]] = {}
+
+    def consume(delta: StreamDelta) -> None:
+        # What a streaming consumer does per delta (as benchmarks/harness.py's collector).
+        stamps.setdefault(delta.request_id, []).append(time.perf_counter())
+
     inst.log = StepLog()
     inst.recording = True
     if profile:
         engine.call_on_loop(inst.start_profile)
-    for i in range(batch):
-        prompt = [rng.randrange(*PROMPT_ID_RANGE) for _ in range(prompt_len)]
-        engine.submit(prompt, params, on_delta=on_delta, request_id=f"host-{seed}-{i}")
-    done.wait()
+    submit_and_wait(engine, batch, params, prompt_len, seed, consume)
     if profile:
         engine.call_on_loop(inst.stop_profile)
     inst.recording = False
     engine.wait_idle()
-    _flush_tree(engine)
+    flush_tree(engine)
     return inst.log
 
 
-def _flush_tree(engine: Engine) -> None:
+def flush_tree(engine: Engine) -> None:
     """Evict everything cached, so each run starts from the same empty pool."""
     sched = engine.scheduler
     if sched.tree is not None:
@@ -209,7 +222,7 @@ def main() -> None:
                     num_pages=max(args.batch) * (args.prompt_len + args.out_len + 32) // 16 + 64)
     if args.logits_width:
         engine._loop.runner.model = _NarrowLogits(engine._loop.runner.model, args.logits_width)
-    inst = _Instrument(engine)
+    inst = StepInstrument(engine)
     try:
         print(f"host per request per decode step (us of engine-thread CPU time; median of {args.repeat} "
               f"runs, each the median of its steady decode steps), {'sync' if args.sync else 'overlapped'} loop")

@@ -25,40 +25,22 @@ is). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import threading
 
-from benchmarks.host_overhead import PROMPT_ID_RANGE, _Instrument, _flush_tree
-from radixserve.runtime import Engine, SamplingParams, StreamDelta
+from benchmarks.host_overhead import StepInstrument, StepLog, flush_tree, submit_and_wait
+from radixserve.runtime import Engine, SamplingParams
 
 
-def run_once(engine: Engine, inst: _Instrument, requests: int, prompt_len: int, out_len: int, seed: int) -> float:
+def run_once(engine: Engine, inst: StepInstrument, requests: int, prompt_len: int, out_len: int, seed: int) -> float:
     """Submit `requests` random prompts at once; the engine thread's host CPU seconds
     (launch excluded) over every step until all finished."""
-    rng = random.Random(seed)
-    done = threading.Event()
-    remaining = [requests]
-    lock = threading.Lock()
-
-    def on_delta(delta: StreamDelta) -> None:
-        if delta.finish_reason is not None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    done.set()
-
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    inst.log.cpu.clear()
-    inst.log.launch_cpu.clear()
+    inst.log = StepLog()
     inst.recording = True
-    for i in range(requests):
-        prompt = [rng.randrange(*PROMPT_ID_RANGE) for _ in range(prompt_len)]
-        engine.submit(prompt, params, on_delta=on_delta, request_id=f"radix-{seed}-{i}")
-    done.wait()
+    submit_and_wait(engine, requests, params, prompt_len, seed)
     inst.recording = False
     engine.wait_idle()
-    _flush_tree(engine)
+    flush_tree(engine)
     return sum(inst.log.cpu) - sum(inst.log.launch_cpu)
 
 
@@ -83,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
 
     engines = {mode: make_engine(mode == "on", args) for mode in ("on", "off")}
-    instruments = {mode: _Instrument(engine, steady_only=False) for mode, engine in engines.items()}
+    instruments = {mode: StepInstrument(engine, steady_only=False) for mode, engine in engines.items()}
     per_request: dict[str, list[float]] = {"on": [], "off": []}
     try:
         for r in range(args.repeat):

@@ -49,8 +49,8 @@ def process_sampled_token(
         # mask allowed) is not output.
         return final_delta(req, "error", grammar_error_message(matcher))
     new_ids = [token_id]
-    wants_logprobs = req.logprobs is not None
-    new_logprobs = [logprob] if wants_logprobs and logprob is not None else []
+    # None when the request asked for no log-probabilities: nothing is built for them.
+    new_logprobs = None if req.logprobs is None else ([logprob] if logprob is not None else [])
     finish: FinishReason | None = None
     stop_reason: str | int | None = None
 
@@ -60,7 +60,7 @@ def process_sampled_token(
     elif token_id in limits.eos_token_ids and not params.ignore_eos:
         finish, ended_by_token = "stop", True
     elif matcher is not None:
-        finish, error = _advance_grammar(req, new_ids, new_logprobs if wants_logprobs else None)
+        finish, error = _advance_grammar(req, new_ids, new_logprobs)
         if finish == "error":
             return final_delta(req, "error", error)
 
@@ -68,9 +68,10 @@ def process_sampled_token(
     if len(new_ids) > 1:  # forced tokens never overrun max_tokens or the context
         budget = min(params.max_tokens - len(output_ids), limits.max_model_len - req.num_tokens)
         del new_ids[max(budget, 1) :]
-        del new_logprobs[len(new_ids) :]
+        if new_logprobs is not None:
+            del new_logprobs[len(new_ids) :]
     output_ids.extend(new_ids)
-    if wants_logprobs:
+    if new_logprobs is not None:
         req.logprobs.extend(new_logprobs)
 
     # A stop token or EOS ends the text without appearing in it.
@@ -88,7 +89,7 @@ def process_sampled_token(
     # The leading fields positionally (request_id, index, text, token_ids, finish_reason,
     # stop_reason, logprobs): parsing a dozen keywords costs twice the rest of the call.
     delta = StreamDelta(
-        req.request_id, req.index, text, new_ids, finish, stop_reason, new_logprobs if wants_logprobs else None,
+        req.request_id, req.index, text, new_ids, finish, stop_reason, new_logprobs,
         prompt_tokens=num_prompt, cached_tokens=req.cached_tokens or 0, completion_tokens=len(output_ids),
     )
     if finish is not None:

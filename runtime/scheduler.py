@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 # What `Scheduler._admit` did with a waiting request.
 Admission = Literal["admitted", "deferred", "no_pages"]
+# Running requests still in prefill, by (cache salt, *first page of the prompt).
+PrefillIndex = dict[tuple[Any, ...], list[Request]]
+
 
 class ScheduledSeq(NamedTuple):
     """One request's share of a step: tokens all_ids[start : start + num_new] are computed.
@@ -239,7 +242,7 @@ class Scheduler:
         return req.tokens(0, limit)
 
     def _admit(self, req: Request, budget: int, seqs: list[ScheduledSeq],
-               prefilling: dict[tuple[Any, ...], list[Request]]) -> Admission:
+               prefilling: PrefillIndex) -> Admission:
         """Move `req` from waiting to running with pages for its first chunk: "admitted";
         "deferred" when it should wait for a running request to cache its prefix; "no_pages"
         when the pool cannot hold its first chunk even after eviction."""
@@ -277,10 +280,10 @@ class Scheduler:
     def _first_page_key(self, req: Request) -> tuple[Any, ...]:
         return (req.cache_salt, *req.prompt_ids[: self.page_size])
 
-    def _prefilling_by_first_page(self) -> dict[tuple[Any, ...], list[Request]]:
+    def _prefilling_by_first_page(self) -> PrefillIndex:
         """Running requests still in prefill, by cache salt and first page of the prompt: the
         only ones a waiting request can share a whole page with (built once per step)."""
-        index: dict[tuple[Any, ...], list[Request]] = {}
+        index: PrefillIndex = {}
         if self.tree is None:
             return index
         for other in self.running:
@@ -289,7 +292,7 @@ class Scheduler:
         return index
 
     def _should_wait_for_prefix(self, req: Request, matched: int,
-                                prefilling: dict[tuple[Any, ...], list[Request]]) -> bool:
+                                prefilling: PrefillIndex) -> bool:
         """True when a request that is still prefilling will cache at least one more whole page
         of this request's prompt: waiting a step costs less than computing it twice. The other
         request is running, so it gets budget first and the wait always ends."""
