@@ -23,6 +23,7 @@ import torch
 
 from radixserve.runtime.config import EngineConfig
 from radixserve.runtime.constraints import ConstraintCompiler
+from radixserve.runtime.cpu_malloc import keep_tensor_buffers_in_heap
 from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces
 from radixserve.runtime.engine_loop import Abort, AddRequests, Call, EngineLoop
 from radixserve.runtime.errors import EngineDead, PromptTooLong, QueueFull
@@ -89,6 +90,8 @@ class Engine:
     def _init(self, config: EngineConfig) -> None:
         self.config = config
         self.device = _pick_device(config.device)
+        if self.device.type == "cpu":
+            keep_tensor_buffers_in_heap()
         dtype = _pick_dtype(config.dtype, self.device)
         resolved = resolve_model(config.model, config.load_format)
         self.model_name = resolved.name

@@ -9,7 +9,8 @@ source registered for `resolved.load_format`:
     "dummy"  random values generated on the device, one tensor at a time: normal(0, 0.02) for
              matrices, ones for norm weights, zeros for biases (seeded, reproducible)
 
-and checks that no parameter was left unfilled.
+and checks that no parameter was left unfilled. With the "cpu" ops backend every projection
+then gets a oneDNN-packed copy of its weight (runtime/models/layers.py, `pack_linear_weights`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.layers import pack_linear_weights
 from ..models.registry import get_model_class
 from ..ops import Ops, select_ops
 from .resolve import ModelResolveError, ResolvedModel
@@ -178,8 +180,8 @@ def load_model(resolved: ResolvedModel, device: torch.device | str, dtype: torch
                ops: Ops | str = "auto", progress: bool = True, seed: int = 0) -> nn.Module:
     """The model of `resolved` on `device` in `dtype`, weights filled, in eval mode.
 
-    `ops` is an Ops object or a backend name for `select_ops` ("auto": Triton on CUDA, PyTorch
-    on CPU). `seed` seeds dummy weights. Raises ModelResolveError if the checkpoint lacks a
+    `ops` is an Ops object or a backend name for `select_ops` ("auto": Triton on CUDA, the
+    fast CPU ops on the CPU). `seed` seeds dummy weights. Raises ModelResolveError if the checkpoint lacks a
     parameter, ValueError if it holds a tensor the model does not have or of the wrong shape.
     """
     device = torch.device(device)
@@ -199,6 +201,8 @@ def load_model(resolved: ResolvedModel, device: torch.device | str, dtype: torch
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise ModelResolveError(f"{resolved.path}: the checkpoint lacks weights for {shown}")
     model.eval()
+    if ops_obj.name == "cpu":
+        pack_linear_weights(model)
     logger.info("loaded %s (%s, %.2fB parameters, %s on %s, ops %s) in %.1f s", resolved.name,
                 resolved.load_format, resolved.config.num_parameters() / 1e9, dtype, device, ops_obj.name,
                 time.perf_counter() - t0)

@@ -16,7 +16,10 @@ tensor into it, so the model code and the loader do not change when tp_size > 1:
                             the vocabulary split into contiguous ranges, one per rank.
 
 Parameters are allocated uninitialized (`torch.empty`) on the target device and dtype: the
-loader fills every one, and nothing is materialized twice.
+loader fills every one, and nothing is materialized twice. On the CPU, `pack_linear_weights`
+then gives every projection a oneDNN-packed copy of its weight (kernels/cpu_linear.py), which
+its forward uses instead of `F.linear`; the packed copy is taken once, after loading, and is
+not updated if the weight changes later.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.kernels.cpu_linear import pack_linear_weight, packed_linear
+
 __all__ = [
     "ParallelContext",
+    "pack_linear_weights",
     "ColumnParallelLinear",
     "MergedColumnParallelLinear",
     "QKVParallelLinear",
@@ -64,7 +70,31 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class _LinearBase(nn.Module):
+class _PackableWeight(nn.Module):
+    """A layer computing `x @ weight.T` whose weight may be swapped for a packed copy."""
+
+    weight: nn.Parameter
+    packed_weight: torch.Tensor | None = None
+
+    def pack_weight(self) -> bool:
+        """Take a packed copy of the (final) weight for `_matmul`; False where none applies."""
+        self.packed_weight = pack_linear_weight(self.weight)
+        return self.packed_weight is not None
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Pack the weight of every projection of `model` for the CPU (kernels/cpu_linear.py);
+    returns how many were packed (0 off the CPU, for non-fp32 weights, or without oneDNN).
+    Call it once the weights are loaded: a packed copy does not follow later changes."""
+    return sum(m.pack_weight() for m in model.modules() if isinstance(m, _PackableWeight))
+
+
+class _LinearBase(_PackableWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
         super().__init__()
@@ -82,7 +112,7 @@ class _LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 def _set_shard_ids(layer: _LinearBase, shard_ids: tuple[object, ...]) -> None:
@@ -183,7 +213,7 @@ class RowParallelLinear(_LinearBase):
         _copy_checked(param.data, loaded.narrow(1, self.parallel.tp_rank * cols, cols), "RowParallelLinear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        y = self.parallel.all_reduce(self._matmul(x))
         return y if self.bias is None else y + self.bias
 
 
@@ -224,12 +254,12 @@ class VocabParallelEmbedding(nn.Module):
         return self.parallel.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, _PackableWeight):
     """The output projection hidden -> vocab logits, vocabulary-parallel like the embedding
     (with tp_size > 1 each rank computes its vocabulary range; the runner gathers them)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = F.linear(hidden, self.weight)
+        logits = self._matmul(hidden)
         if self.parallel.tp_size == 1:
             return logits
         raise NotImplementedError("vocab-parallel logits gather (tp_size > 1) is not wired up yet")

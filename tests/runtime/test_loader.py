@@ -144,6 +144,24 @@ def test_sharded_checkpoint_and_dtype(tmp_path):
     assert tok.decode(tok.encode("héllo", add_special_tokens=False)) == "héllo"
 
 
+def test_cpu_backend_packs_projections(tmp_path):
+    """With the "cpu" ops backend every fp32 projection (and the LM head) gets a packed weight;
+    the "torch" backend and bf16 weights keep F.linear; the logits agree either way."""
+    from radixserve.kernels.cpu_linear import HAS_PACKED_LINEAR
+    from radixserve.runtime.models.layers import _PackableWeight
+
+    _tiny_hf_folder(tmp_path / "m")
+    resolved = resolve_model(str(tmp_path / "m"))
+    ids = [5, 17, 290, 3, 3, 100]
+    packed = load_model(resolved, "cpu", torch.float32, ops="cpu", progress=False)
+    plain = load_model(resolved, "cpu", torch.float32, ops="torch", progress=False)
+    layers = [m for m in packed.modules() if isinstance(m, _PackableWeight)]
+    assert len(layers) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the LM head
+    assert all((m.packed_weight is not None) == HAS_PACKED_LINEAR for m in layers)
+    assert all(m.packed_weight is None for m in plain.modules() if isinstance(m, _PackableWeight))
+    assert (_logits(packed, ids) - _logits(plain, ids)).abs().max() < 1e-4
+
+
 # ------------------------------------------------------------------------------ dummy
 
 
