@@ -170,3 +170,85 @@ def test_cpu_backend_lays_cpu_ops_over_the_references():
     b = make_paged_batch([5], [1], page_size=4, num_kv_heads=1, group=1, head_dim=8, device="cpu")
     with pytest.raises(TypeError, match="page_table must be int32"):
         decode_attention_cpu(b.q, b.k_cache, b.v_cache, b.page_table.long(), b.seq_lens, b.sm_scale, 5)
+
+
+# ------------------------------------------------- extend with shared prefixes (kernels/cpu_attention.py)
+
+def _share(b, page_size, shares):
+    """Make request r read the first n pages of request src ({r: (src, n)}) and rebuild the
+    dense K/V the float64 oracle reads from the new table."""
+    pt = b.page_table.clone()
+    for r, (src, n) in shares.items():
+        pt[r, :n] = pt[src, :n]
+    b.page_table = pt
+    seq = b.seq_lens.tolist()
+    b.dense_k = [b.k_cache[pt[r, torch.arange(n) // page_size].long(), torch.arange(n) % page_size]
+                 for r, n in enumerate(seq)]
+    b.dense_v = [b.v_cache[pt[r, torch.arange(n) // page_size].long(), torch.arange(n) % page_size]
+                 for r, n in enumerate(seq)]
+    return b
+
+
+# A gsp step in miniature, in units of 16 tokens so every page size divides the prefixes:
+# group A (prefix 32): two followers' questions (5 new), a decode row, a leader's second chunk,
+# and one request sharing only A's first 16 tokens; group B (prefix 16) interleaved with A; a
+# fresh prompt; a request with nothing new this step.
+SHARED_SEQ = [37, 16 + 3, 37, 45, 40, 16 + 3, 9, 12, 16 + 20]
+SHARED_EXT = [5, 3, 5, 1, 8, 3, 9, 0, 4]
+
+
+def _shared_batch(page_size, group, seed):
+    b = make_paged_batch(SHARED_SEQ, SHARED_EXT, page_size=page_size, num_kv_heads=2, group=group, head_dim=16,
+                         device="cpu", seed=seed)
+    a, bb = 32 // page_size, 16 // page_size
+    return _share(b, page_size, {2: (0, a), 3: (0, a), 4: (0, a), 8: (0, bb), 5: (1, bb)})
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["gathered", "views"])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_extend_cpu_shared_prefixes_match_float64(page_size, group, contiguous):
+    b = _shared_batch(page_size, group, seed=page_size + 10 * group)
+    if contiguous:
+        b = _contiguous_batch(b, page_size)
+    expected = naive_extend(b)
+    out = extend_attention_cpu(*_extend_args(b))
+    assert_close(out, expected, TOL, "cpu vs float64")
+    assert_close(out, extend_attention_reference(*_extend_args(b)), TOL, "cpu vs reference")
+
+
+def test_extend_cpu_plan_groups_by_shared_pages():
+    from radixserve.kernels import cpu_attention
+
+    b = _shared_batch(4, 2, seed=0)
+    plan = cpu_attention._extend_plan(b.page_table, b.seq_lens, b.extend_lens, b.cu_extend, b.q.shape[0], 4)
+    runs = sorted(part.keys.length for part in plan.shared)
+    # Group A and the request sharing its first page: 16 tokens in common; group B: 16 too;
+    # the fresh prompt and the empty request have no shared run.
+    assert runs == [16, 16]
+    assert sum(len(range(*p.rows.indices(b.q.shape[0]))) if isinstance(p.rows, slice) else len(p.rows)
+               for p in plan.shared) == sum(SHARED_EXT) - 9  # every new token but the fresh prompt's
+
+
+def test_extend_cpu_singles_when_padding_is_too_large(monkeypatch):
+    from radixserve.kernels import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "_MAX_MASK_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_attention, "_extend_plans", cpu_attention._PlanMemo(cpu_attention._extend_plan))
+    b = _shared_batch(4, 3, seed=5)
+    plan = cpu_attention._extend_plan(b.page_table, b.seq_lens, b.extend_lens, b.cu_extend, b.q.shape[0], 4)
+    assert plan.singles and all(bk.e == 1 for bk in plan.buckets)
+    assert_close(extend_attention_cpu(*_extend_args(b)), naive_extend(b), TOL, "singles vs float64")
+
+
+def test_plan_memo_compares_contents_not_identity():
+    from radixserve.kernels import cpu_attention
+
+    memo = cpu_attention._PlanMemo(cpu_attention._decode_plan)
+    table = torch.tensor([[3, 4, 0], [5, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor([9, 2], dtype=torch.int32)
+    first = memo.get((table, lens), (16, 4))
+    assert memo.get((table.clone(), lens.clone()), (16, 4)) is first  # same contents: reused
+    lens[1] = 3  # changed in place (what a reused buffer would do): rebuilt
+    assert memo.get((table, lens), (16, 4)) is not first
+    assert memo.get((table, lens), (12, 4)) is not memo.get((table, lens), (16, 4))
