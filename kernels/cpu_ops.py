@@ -9,6 +9,8 @@ serves with, same signatures and contracts, same results up to fp32 rounding:
     rotary                                      here: q and k rotated together when they are
                                                 adjacent slices of the fused QKV output
                                                 (2 x 7 ops + 2 cats -> 7 ops), bit-identical
+    rms_norm, silu_and_mul (fp32)               here: PyTorch's fused rms_norm (6 ops -> 1);
+                                                silu then an in-place multiply (no third buffer)
 
 Each op on 2 cores pays a fixed threading cost (far more than its arithmetic at these sizes
 when the cores are shared), so fewer, fused ops are what makes the CPU path fast.
@@ -17,7 +19,10 @@ when the cores are shared), so fewer, fused ops are what makes the CPU path fast
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from .activation import _validate as _validate_activation
+from .activation import silu_and_mul_reference
 from .cpu_attention import (
     HAS_CPU_FLASH,
     decode_attention_cpu,
@@ -25,6 +30,8 @@ from .cpu_attention import (
     paged_tokens,
     shared_prefix_decode_attention_cpu,
 )
+from .rmsnorm import _validate as _validate_rmsnorm
+from .rmsnorm import rms_norm_reference
 from .rotary import _validate as _validate_rotary
 
 __all__ = [
@@ -34,6 +41,8 @@ __all__ = [
     "shared_prefix_decode_attention_cpu",
     "extend_attention_cpu",
     "apply_rotary_cpu",
+    "rms_norm_cpu",
+    "silu_and_mul_cpu",
 ]
 
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -77,6 +86,30 @@ def apply_rotary_cpu(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return out[:, : q.shape[1]], out[:, q.shape[1] :]
 
 
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """CPU path of `rms_norm` (contract: `rms_norm_reference`). fp32: PyTorch's fused kernel,
+    equal to the reference up to the order of the mean's sum; other dtypes: the reference,
+    whose extra rounding before the weight multiply is what HF does."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return rms_norm_reference(x, weight, eps, residual)
+    _validate_rmsnorm(x, weight, eps, residual)
+    if residual is None:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x + residual
+    return F.rms_norm(h, (h.shape[-1],), weight, eps), h
+
+
+def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
+    """CPU path of `silu_and_mul` (bit-identical to the reference): the product is written
+    into silu's output instead of a third buffer."""
+    if x.dtype != torch.float32:
+        return silu_and_mul_reference(x)
+    _validate_activation(x)
+    i = x.shape[1] // 2
+    return F.silu(x[:, :i]).mul_(x[:, i:])
+
+
 # Op name -> CPU implementation; ops not listed here use the reference (see runtime/ops.py).
 # A torch without the fused CPU flash kernel serves attention with the references instead.
 
@@ -87,4 +120,6 @@ CPU_OPS = {
         "extend_attention": extend_attention_cpu,
     } if HAS_CPU_FLASH else {}),
     "apply_rotary": apply_rotary_cpu,
+    "rms_norm": rms_norm_cpu,
+    "silu_and_mul": silu_and_mul_cpu,
 }

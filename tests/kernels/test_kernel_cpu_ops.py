@@ -252,3 +252,44 @@ def test_plan_memo_compares_contents_not_identity():
     lens[1] = 3  # changed in place (what a reused buffer would do): rebuilt
     assert memo.get((table, lens), (16, 4)) is not first
     assert memo.get((table, lens), (12, 4)) is not memo.get((table, lens), (16, 4))
+
+
+# ------------------------------------------------------------------ elementwise
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_rms_norm_cpu_matches_float64_and_reference(dtype, with_residual, rows):
+    from radixserve.kernels import rms_norm_reference
+    from radixserve.kernels.cpu_ops import rms_norm_cpu
+
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 96, generator=g) * 3).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
+    res = torch.randn(rows, 96, generator=g).to(dtype) if with_residual else None
+    got = rms_norm_cpu(x, w, 1e-6, res)
+    want = rms_norm_reference(x, w, 1e-6, res)
+    if with_residual:
+        assert torch.equal(got[1], want[1])
+        got, want = got[0], want[0]
+    assert got.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)  # other dtypes take the reference (HF's two roundings)
+    else:
+        h = x.double() + (res.double() if res is not None else 0)
+        exact = w.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        assert (got.double() - exact).abs().max() < 1e-5 * exact.abs().max()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_cpu_bit_identical(dtype):
+    from radixserve.kernels import silu_and_mul_reference
+    from radixserve.kernels.cpu_ops import silu_and_mul_cpu
+
+    x = torch.randn(33, 2 * 48, generator=torch.Generator().manual_seed(2)).to(dtype)
+    strided = torch.randn(33, 2 * 48 + 8, generator=torch.Generator().manual_seed(3)).to(dtype)[:, 4:-4]
+    for inp in (x, strided):
+        assert torch.equal(silu_and_mul_cpu(inp), silu_and_mul_reference(inp))
+    with pytest.raises(ValueError, match="even"):
+        silu_and_mul_cpu(torch.randn(2, 5))
