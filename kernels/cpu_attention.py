@@ -114,6 +114,15 @@ class _Run:
             return _Run(length, int(row[0]), None)
         return _Run(length, -1, _index(row))
 
+    def heads_first(self, cache: torch.Tensor) -> torch.Tensor:
+        """`read` as [1, Hkv, length, D] fp32, the layout `_flash` takes (one call for a view:
+        these reads run for every group of every layer, and each Python-level op costs)."""
+        if self.pages is not None or cache.dtype != torch.float32 or not cache.is_contiguous():
+            return _heads_first(self.read(cache))
+        _, page_size, hkv, d = cache.shape
+        return cache.as_strided((1, hkv, self.length, d), (self.length * hkv * d, d, hkv * d, 1),
+                                cache.storage_offset() + self.first_page * page_size * hkv * d)
+
     def read(self, cache: torch.Tensor) -> torch.Tensor:
         """[length, Hkv, D] of `cache` [num_pages, P, Hkv, D]."""
         _, page_size, hkv, d = cache.shape
@@ -203,6 +212,20 @@ class _Plan:
     buckets: tuple[_Bucket, ...]
     singles: tuple[_Single, ...]
     no_keys: torch.Tensor | None  # rows that see no key at all: output 0
+    # When the shared parts' rows are slices in increasing order: the number of rows before
+    # each part (and after the last) that have no shared part; else None.
+    shared_gaps: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shared_gaps is None and all(isinstance(p.rows, slice) for p in self.shared):
+            gaps, at = [], 0
+            for part in self.shared:
+                start, stop, _ = part.rows.indices(self.num_rows)
+                if start < at:
+                    return
+                gaps.append(start - at)
+                at = stop
+            object.__setattr__(self, "shared_gaps", (*gaps, self.num_rows - at))
 
 
 @dataclass(frozen=True)
@@ -373,7 +396,7 @@ def _single_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (o [e, Hq, D], lse [e, Hq]) of one request's rows over its own run."""
     qh = _heads_first(q[s.start : s.start + s.e])
-    kh, vh = _heads_first(s.keys.read(k_cache)), _heads_first(s.keys.read(v_cache))
+    kh, vh = s.keys.heads_first(k_cache), s.keys.heads_first(v_cache)
     if s.past == 0:
         o, lse = _flash(qh, kh, vh, sm_scale, causal=True)
         return o[0].transpose(0, 1), lse[0].transpose(0, 1)
@@ -405,17 +428,44 @@ def _own_parts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pl
     return o, lse
 
 
+def _shared_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, part: _Shared,
+                 sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (o [R, Hq, D], lse [R, Hq]) of a group's rows over its shared run, read in place."""
+    rows = part.rows
+    if isinstance(rows, slice) and q.dtype == torch.float32:
+        start, stop, _ = rows.indices(q.shape[0])
+        t, hq, d = q.shape
+        qh = q.as_strided((1, hq, stop - start, d), ((stop - start) * q.stride(0), q.stride(1), q.stride(0), q.stride(2)),
+                          q.storage_offset() + start * q.stride(0))
+    else:
+        qh = _heads_first(_take(q, rows))
+    o, lse = _flash(qh, part.keys.heads_first(k_cache), part.keys.heads_first(v_cache), sm_scale)
+    return o[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
 def _shared_parts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _Plan,
                   sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (o, lse) of every row's shared part; rows without one get o = 0, lse = -inf."""
     t, hq, d = q.shape
-    o = torch.zeros(t, hq, d)
-    lse = torch.full((t, hq), _NEG_INF)
-    for part in plan.shared:
-        qh = _heads_first(_take(q, part.rows))
-        og, lg = _flash(qh, _heads_first(part.keys.read(k_cache)), _heads_first(part.keys.read(v_cache)), sm_scale)
-        _put(o, part.rows, og[0].transpose(0, 1))
-        _put(lse, part.rows, lg[0].transpose(0, 1))
-    return o, lse
+    if plan.shared_gaps is None:
+        o = torch.zeros(t, hq, d)
+        lse = torch.full((t, hq), _NEG_INF)
+        for part in plan.shared:
+            og, lg = _shared_part(q, k_cache, v_cache, part, sm_scale)
+            _put(o, part.rows, og)
+            _put(lse, part.rows, lg)
+        return o, lse
+    # Parts tile the rows in order (a cascade decode batch): one concatenation, no scatter.
+    outs, lses = [], []
+    for gap, part in zip(plan.shared_gaps, (*plan.shared, None)):
+        if gap:
+            outs.append(torch.zeros(gap, hq, d))
+            lses.append(torch.full((gap, hq), _NEG_INF))
+        if part is not None:
+            og, lg = _shared_part(q, k_cache, v_cache, part, sm_scale)
+            outs.append(og)
+            lses.append(lg)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _Plan,
