@@ -60,6 +60,8 @@ _NEG_INF = float("-inf")
 # Requests padded into one call hold n * e * L mask values; past this many, a request goes
 # alone (its rows in chunks), so a long prompt never builds a quadratic mask.
 _MAX_MASK_ELEMENTS = 1 << 22
+# Shared runs are gathered into one block only up to this many keys in all (a copy per layer).
+_MAX_STACKED_KEYS = 1 << 14
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, *, causal: bool = False,
@@ -113,6 +115,12 @@ class _Run:
         if int(row[-1]) - int(row[0]) == n - 1 and (n == 1 or bool((np.diff(row) == 1).all())):
             return _Run(length, int(row[0]), None)
         return _Run(length, -1, _index(row))
+
+    def page_ids(self, page_size: int) -> np.ndarray:
+        """The pages holding the run, in order."""
+        if self.pages is not None:
+            return self.pages.numpy()
+        return np.arange(self.first_page, self.first_page + -(-self.length // page_size))
 
     def heads_first(self, cache: torch.Tensor) -> torch.Tensor:
         """`read` as [1, Hkv, length, D] fp32, the layout `_flash` takes (one call for a view:
@@ -204,6 +212,66 @@ class _Single:
 
 
 @dataclass(frozen=True)
+class _Stacked:
+    """Every shared part as one padded call: group g's rows padded to `rows_per` query slots,
+    its run gathered into block g of `length` keys. Measured on a batch-32 gsp decode step:
+    one gather + one call beats four in-place calls (8-15 ms of ~165 per step), because the
+    gathered block is read from cache while a view of pages last touched a step ago is not.
+
+        q_rows [G * rows_per]  row of q in each slot (padding repeats a real row)
+        pages  [G * n_pages]   each group's run, padded with its first page
+        mask   [G, 1, 1, length] or None: hides keys past group g's run
+        slots  [R]             the slot of each real row, in `dest` order
+    """
+
+    q_rows: torch.Tensor
+    pages: torch.Tensor
+    length: int
+    mask: torch.Tensor | None
+    slots: torch.Tensor
+    dest: Rows
+
+
+def _row_ids(rows: Rows, num_rows: int) -> np.ndarray:
+    if isinstance(rows, slice):
+        return np.arange(*rows.indices(num_rows))
+    return rows.numpy()
+
+
+def _stack(shared: tuple[_Shared, ...], num_rows: int, page_size: int) -> _Stacked | None:
+    """`shared` as one `_Stacked` call, or None where padding would cost more than it saves
+    (one group, very unequal groups, or more gathered keys than `_MAX_STACKED_KEYS`)."""
+    if len(shared) < 2:
+        return None
+    rows = [_row_ids(p.rows, num_rows) for p in shared]
+    rows_per = max(len(r) for r in rows)
+    length = max(p.keys.length for p in shared)
+    useful = sum(len(r) * p.keys.length for r, p in zip(rows, shared))
+    if len(shared) * length > _MAX_STACKED_KEYS or 2 * useful < len(shared) * rows_per * length:
+        return None
+    n_pages = -(-length // page_size)
+    q_rows = np.empty((len(shared), rows_per), dtype=np.int64)
+    pages = np.empty((len(shared), n_pages), dtype=np.int64)
+    for g, (r, part) in enumerate(zip(rows, shared)):
+        q_rows[g, : len(r)] = r
+        q_rows[g, len(r):] = r[0]
+        own = part.keys.page_ids(page_size)
+        pages[g, : len(own)] = own
+        pages[g, len(own):] = own[0]
+    lens = np.array([p.keys.length for p in shared])
+    mask = None
+    if (lens != length).any():
+        hidden = np.arange(length)[None, :] >= lens[:, None]
+        mask = torch.from_numpy(np.where(hidden, np.float32(_NEG_INF), np.float32(0.0)))[:, None, None, :]
+    slots = np.concatenate([g * rows_per + np.arange(len(r)) for g, r in enumerate(rows)])
+    dest_ids = np.concatenate(rows)
+    order = np.argsort(dest_ids, kind="stable")
+    dest_ids, slots = dest_ids[order], slots[order]
+    dest: Rows = slice(None) if np.array_equal(dest_ids, np.arange(num_rows)) else _index(dest_ids)
+    return _Stacked(_index(q_rows.reshape(-1)), _index(pages.reshape(-1)), length, mask, _index(slots), dest)
+
+
+@dataclass(frozen=True)
 class _Plan:
     """How one step's attention is computed, for every layer of the step."""
 
@@ -212,20 +280,7 @@ class _Plan:
     buckets: tuple[_Bucket, ...]
     singles: tuple[_Single, ...]
     no_keys: torch.Tensor | None  # rows that see no key at all: output 0
-    # When the shared parts' rows are slices in increasing order: the number of rows before
-    # each part (and after the last) that have no shared part; else None.
-    shared_gaps: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.shared_gaps is None and all(isinstance(p.rows, slice) for p in self.shared):
-            gaps, at = [], 0
-            for part in self.shared:
-                start, stop, _ = part.rows.indices(self.num_rows)
-                if start < at:
-                    return
-                gaps.append(start - at)
-                at = stop
-            object.__setattr__(self, "shared_gaps", (*gaps, self.num_rows - at))
+    stacked: _Stacked | None = None  # the shared parts as one call, when that pays
 
 
 @dataclass(frozen=True)
@@ -308,7 +363,7 @@ def _shared_prefix_plan(prefix_page_table: torch.Tensor, prefix_lens: torch.Tens
             has_prefix[cu[g] : cu[g + 1]] = length > 0
         left = [int(r) for r in no_keys.tolist() if not has_prefix[r]]
         no_keys = _index(left) if left else None
-    return _Plan(own.num_rows, shared, own.buckets, (), no_keys)
+    return _Plan(own.num_rows, shared, own.buckets, (), no_keys, _stack(shared, own.num_rows, page_size))
 
 
 def _extend_plan(page_table: torch.Tensor, seq_lens: torch.Tensor, extend_lens: torch.Tensor,
@@ -340,7 +395,7 @@ def _extend_plan(page_table: torch.Tensor, seq_lens: torch.Tensor, extend_lens: 
     owns = [_Own(starts[i], ext[i], table[i, shared_len[i] // page_size :], seq[i] - shared_len[i])
             for i in range(len(seq)) if ext[i] > 0]
     buckets, singles = _plan_own(owns, page_size, num_rows)
-    return _Plan(num_rows, tuple(shared), buckets, singles, None)
+    return _Plan(num_rows, tuple(shared), buckets, singles, None, _stack(tuple(shared), num_rows, page_size))
 
 
 class _PlanMemo:
@@ -443,29 +498,41 @@ def _shared_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return o[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
+def _stacked_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, st: _Stacked,
+                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (o [R, Hq, D], lse [R, Hq]) of the stacked shared parts, rows in `st.dest` order."""
+    _, _, hkv, d = k_cache.shape
+    hq = q.shape[1]
+    qs = q.index_select(0, st.q_rows).float()
+    g = st.pages.shape[0] // -(-st.length // k_cache.shape[1])
+    rows_per = qs.shape[0] // g
+    k = k_cache.index_select(0, st.pages).view(g, -1, hkv, d)[:, : st.length].transpose(1, 2).float()
+    v = v_cache.index_select(0, st.pages).view(g, -1, hkv, d)[:, : st.length].transpose(1, 2).float()
+    o, lse = _flash(qs.view(g, rows_per, hq, d).transpose(1, 2), k, v, sm_scale, mask=st.mask)
+    o = o.transpose(1, 2).reshape(g * rows_per, hq, d).index_select(0, st.slots)
+    lse = lse.transpose(1, 2).reshape(g * rows_per, hq).index_select(0, st.slots)
+    return o, lse
+
+
 def _shared_parts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _Plan,
                   sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (o, lse) of every row's shared part; rows without one get o = 0, lse = -inf."""
     t, hq, d = q.shape
-    if plan.shared_gaps is None:
-        o = torch.zeros(t, hq, d)
-        lse = torch.full((t, hq), _NEG_INF)
-        for part in plan.shared:
-            og, lg = _shared_part(q, k_cache, v_cache, part, sm_scale)
-            _put(o, part.rows, og)
-            _put(lse, part.rows, lg)
+    st = plan.stacked
+    if st is not None and _all_rows(st.dest):
+        return _stacked_part(q, k_cache, v_cache, st, sm_scale)
+    o = torch.zeros(t, hq, d)
+    lse = torch.full((t, hq), _NEG_INF)
+    if st is not None:
+        os_, ls_ = _stacked_part(q, k_cache, v_cache, st, sm_scale)
+        _put(o, st.dest, os_)
+        _put(lse, st.dest, ls_)
         return o, lse
-    # Parts tile the rows in order (a cascade decode batch): one concatenation, no scatter.
-    outs, lses = [], []
-    for gap, part in zip(plan.shared_gaps, (*plan.shared, None)):
-        if gap:
-            outs.append(torch.zeros(gap, hq, d))
-            lses.append(torch.full((gap, hq), _NEG_INF))
-        if part is not None:
-            og, lg = _shared_part(q, k_cache, v_cache, part, sm_scale)
-            outs.append(og)
-            lses.append(lg)
-    return torch.cat(outs), torch.cat(lses)
+    for part in plan.shared:
+        og, lg = _shared_part(q, k_cache, v_cache, part, sm_scale)
+        _put(o, part.rows, og)
+        _put(lse, part.rows, lg)
+    return o, lse
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _Plan,

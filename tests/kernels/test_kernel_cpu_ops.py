@@ -293,3 +293,20 @@ def test_silu_and_mul_cpu_bit_identical(dtype):
         assert torch.equal(silu_and_mul_cpu(inp), silu_and_mul_reference(inp))
     with pytest.raises(ValueError, match="even"):
         silu_and_mul_cpu(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("groups,suffixes,all_rows,masked", [
+    ([16, 16, 0], [[1, 5, 3], [2, 4, 6], [3]], False, False),   # a request with no prefix
+    ([16, 12], [[1, 2], [3, 4]], True, True),                  # unequal runs: masked keys
+    ([32] * 4, [[9, 10, 11]] * 4, True, False),                # gsp: equal groups
+])
+def test_shared_prefix_cpu_stacked_groups(groups, suffixes, all_rows, masked):
+    from radixserve.kernels import cpu_attention
+
+    args, b = _cascade_case(4, 3, groups, suffixes, device="cpu", seed=len(groups))
+    plan = cpu_attention._shared_prefix_plan(*args[3:8], args[10], 4)
+    assert plan.stacked is not None
+    assert isinstance(plan.stacked.dest, slice) == all_rows and (plan.stacked.mask is not None) == masked
+    out = shared_prefix_decode_attention_cpu(*args)
+    assert_close(out, naive_extend(b), TOL, "stacked vs float64")
+    assert_close(out, shared_prefix_decode_attention_reference(*args), TOL, "stacked vs reference")
