@@ -36,7 +36,7 @@ test: install-test
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: install-test
-	$(PY) -m benchmarks.run gsp-cpu agent
+	$(PY) -m benchmarks.run gsp-cpu agent-cpu --repeats 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,9 +22,13 @@ layer. So the op count per layer here is small and does not grow with the batch:
 3. One fused kernel per part: PyTorch's CPU flash attention, which also returns the
    logsumexp the merge needs.
 
-Measured on the 2-core CI machine (SmolLM2-135M shapes, gsp-cpu, one layer): a batch-32
-shared-prefix decode 3.7-5.2 ms -> see benchmarks; the follower prefill of 25 requests
-15.0 ms -> see benchmarks.
+Measured on the 2-core CI machine, one layer of gsp-cpu with SmolLM2-135M (the same inputs
+captured from an engine run, min of 9-30, against the per-request version this replaced):
+
+    batch-32 cascade decode (4 groups of 8, 512-token prefixes)      1.8-2.8 -> 0.9-1.5 ms
+    prefill of 21 questions over cached prefixes + 4 other rows     18-23 -> 13-14 ms
+    mixed step: 25 decode rows + 7 questions, no cascade plan       14-17 -> 4-5 ms
+    4 fresh 416-544-token prompts                                   unchanged, 23 ms
 
 These functions read the (small) index tensors on the host, which is free on the CPU and is
 why they are CPU-only: CUDA uses the Triton kernels.
@@ -60,6 +64,10 @@ _NEG_INF = float("-inf")
 # Requests padded into one call hold n * e * L mask values; past this many, a request goes
 # alone (its rows in chunks), so a long prompt never builds a quadratic mask.
 _MAX_MASK_ELEMENTS = 1 << 22
+# Requests with more new tokens than this go alone even when they could be padded together: a
+# call's fixed cost is small next to their work, and alone their keys are read in place
+# (measured: 3 x 544-token prompts 23-24 ms per layer padded, 20-21 ms alone).
+_MAX_BUCKET_NEW_TOKENS = 256
 # Shared runs are gathered into one block only up to this many keys in all (a copy per layer).
 _MAX_STACKED_KEYS = 1 << 14
 
@@ -301,7 +309,8 @@ def _plan_own(owns: list[_Own], page_size: int, num_rows: int) -> tuple[tuple[_B
     buckets, singles = [], []
     for e, group in by_e.items():
         length = max(o.length for o in group)
-        if e > 1 and (len(group) == 1 or len(group) * e * length > _MAX_MASK_ELEMENTS):
+        if e > 1 and (len(group) == 1 or e > _MAX_BUCKET_NEW_TOKENS
+                      or len(group) * e * length > _MAX_MASK_ELEMENTS):
             singles += [_Single(o.start, o.e, _Run.of(o.pages, o.length, page_size), o.length - o.e)
                         for o in group]
             continue

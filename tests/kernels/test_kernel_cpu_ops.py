@@ -310,3 +310,13 @@ def test_shared_prefix_cpu_stacked_groups(groups, suffixes, all_rows, masked):
     out = shared_prefix_decode_attention_cpu(*args)
     assert_close(out, naive_extend(b), TOL, "stacked vs float64")
     assert_close(out, shared_prefix_decode_attention_reference(*args), TOL, "stacked vs reference")
+
+
+def test_extend_cpu_equal_fresh_prompts_share_one_causal_call():
+    from radixserve.kernels import cpu_attention
+
+    b = make_paged_batch([20, 20, 7], [20, 20, 7], page_size=4, num_kv_heads=2, group=3, head_dim=16,
+                         device="cpu", seed=11)
+    plan = cpu_attention._extend_plan(b.page_table, b.seq_lens, b.extend_lens, b.cu_extend, b.q.shape[0], 4)
+    assert [(bk.e, bk.mask is None) for bk in plan.buckets] == [(20, True)] and len(plan.singles) == 1
+    assert_close(extend_attention_cpu(*_extend_args(b)), naive_extend(b), TOL, "plain causal bucket")
