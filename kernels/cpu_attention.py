@@ -210,8 +210,10 @@ class _Bucket:
 
 @dataclass(frozen=True)
 class _Single:
-    """A request too large to pad: rows start .. start + e over its own run, the first `past`
-    keys of which precede its first new token; row chunks bound the mask."""
+    """A request that goes alone (no other with its number of new tokens, many new tokens, or
+    too large a padded mask): rows start .. start + e over its own run, read in place where
+    its pages allow, the first `past` keys of which precede its first new token; row chunks
+    bound the mask."""
 
     start: int
     e: int
