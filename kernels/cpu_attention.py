@@ -101,6 +101,18 @@ def _index(values: np.ndarray | list[int]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
+def _additive_mask(hidden: np.ndarray) -> torch.Tensor:
+    """fp32 mask for `_flash`: -inf where `hidden`, 0 elsewhere."""
+    return torch.from_numpy(np.where(hidden, np.float32(_NEG_INF), np.float32(0.0)))
+
+
+def _gathered_heads_first(cache: torch.Tensor, pages: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """[n, Hkv, length, D] fp32: n blocks of equally many whole pages (`pages` row-major), each
+    cut to `length` keys; one gather for all blocks."""
+    _, _, hkv, d = cache.shape
+    return cache.index_select(0, pages).view(n, -1, hkv, d)[:, :length].transpose(1, 2).float()
+
+
 @dataclass(frozen=True)
 class _Run:
     """Tokens [0, length) of a paged sequence: a view of the cache when its pages are one
@@ -159,15 +171,31 @@ def paged_tokens(cache: torch.Tensor, pages: np.ndarray, num_tokens: int) -> tor
 Rows = slice | torch.Tensor  # rows of q: a contiguous range, or int64 indices
 
 
-def _rows(ranges: list[tuple[int, int]]) -> Rows:
-    """The rows of [start, end) ranges in order: a slice when they are adjacent."""
-    if all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
-        return slice(ranges[0][0], ranges[-1][1])
-    return _index(np.concatenate([np.arange(s, e) for s, e in ranges]))
+def _rows(ids: np.ndarray, num_rows: int) -> Rows:
+    """Row ids as `Rows`: slice(None) for every row in order, a slice for a contiguous
+    ascending run, else an index tensor."""
+    if len(ids) and ids[-1] - ids[0] == len(ids) - 1 and (len(ids) == 1 or bool((np.diff(ids) == 1).all())):
+        return slice(None) if len(ids) == num_rows else slice(int(ids[0]), int(ids[-1]) + 1)
+    return _index(ids)
+
+
+def _range_ids(ranges: list[tuple[int, int]]) -> np.ndarray:
+    return np.concatenate([np.arange(s, e) for s, e in ranges])
 
 
 def _all_rows(rows: Rows) -> bool:
     return isinstance(rows, slice) and rows == slice(None)
+
+
+def _rows_heads_first(q: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """q's rows as [1, Hq, R, D] fp32: one strided view for a slice of fp32 rows (this runs for
+    every group of every layer, and each Python-level op costs), else a copy."""
+    if not isinstance(rows, slice) or q.dtype != torch.float32:
+        return _heads_first(_take(q, rows))
+    start, stop, _ = rows.indices(q.shape[0])
+    _, hq, d = q.shape
+    return q.as_strided((1, hq, stop - start, d), ((stop - start) * q.stride(0), q.stride(1), q.stride(0), q.stride(2)),
+                        q.storage_offset() + start * q.stride(0))
 
 
 def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -234,6 +262,7 @@ class _Stacked:
         slots  [R]             the slot of each real row, in `dest` order
     """
 
+    groups: int
     q_rows: torch.Tensor
     pages: torch.Tensor
     length: int
@@ -272,13 +301,12 @@ def _stack(shared: tuple[_Shared, ...], num_rows: int, page_size: int) -> _Stack
     mask = None
     if (lens != length).any():
         hidden = np.arange(length)[None, :] >= lens[:, None]
-        mask = torch.from_numpy(np.where(hidden, np.float32(_NEG_INF), np.float32(0.0)))[:, None, None, :]
+        mask = _additive_mask(hidden)[:, None, None, :]
     slots = np.concatenate([g * rows_per + np.arange(len(r)) for g, r in enumerate(rows)])
     dest_ids = np.concatenate(rows)
     order = np.argsort(dest_ids, kind="stable")
-    dest_ids, slots = dest_ids[order], slots[order]
-    dest: Rows = slice(None) if np.array_equal(dest_ids, np.arange(num_rows)) else _index(dest_ids)
-    return _Stacked(_index(q_rows.reshape(-1)), _index(pages.reshape(-1)), length, mask, _index(slots), dest)
+    return _Stacked(len(shared), _index(q_rows.reshape(-1)), _index(pages.reshape(-1)), length, mask,
+                    _index(slots[order]), _rows(dest_ids[order], num_rows))
 
 
 @dataclass(frozen=True)
@@ -329,10 +357,7 @@ def _bucket(group: list[_Own], e: int, length: int, page_size: int, num_rows: in
         pages[j, : len(row)] = row
     lens = np.array([o.length for o in group], dtype=np.int64)
     empty = lens == 0
-    ranges = [(o.start, o.start + e) for o in group]
-    rows = _rows(ranges)
-    if isinstance(rows, slice) and rows == slice(0, num_rows):  # every row of the step, in order
-        rows = slice(None)
+    rows = _rows(_range_ids([(o.start, o.start + e) for o in group]), num_rows)
     plain_causal = e > 1 and bool((lens == e).all())
     mask = None
     if not plain_causal:
@@ -340,7 +365,7 @@ def _bucket(group: list[_Own], e: int, length: int, page_size: int, num_rows: in
         # kernel is well defined) and is zeroed afterwards.
         last = np.maximum(lens - e, 0)[:, None] + np.arange(e)[None, :]  # [n, e]
         hidden = np.arange(length)[None, None, :] > last[:, :, None]
-        mask = torch.from_numpy(np.where(hidden, np.float32(_NEG_INF), np.float32(0.0)))[:, None]
+        mask = _additive_mask(hidden)[:, None]
     return _Bucket(rows, e, _index(pages.reshape(-1)), length, mask,
                    torch.from_numpy(empty) if empty.any() else None)
 
@@ -401,7 +426,7 @@ def _extend_plan(page_table: torch.Tensor, seq_lens: torch.Tensor, extend_lens: 
         k = max_pages if same.all() else int(np.argmin(same))
         for i in members:
             shared_len[i] = k * page_size
-        shared.append(_Shared(_rows([(starts[i], starts[i] + ext[i]) for i in members]),
+        shared.append(_Shared(_rows(_range_ids([(starts[i], starts[i] + ext[i]) for i in members]), num_rows),
                               _Run.of(table[members[0]], k * page_size, page_size)))
     owns = [_Own(starts[i], ext[i], table[i, shared_len[i] // page_size :], seq[i] - shared_len[i])
             for i in range(len(seq)) if ext[i] > 0]
@@ -437,12 +462,12 @@ _extend_plans = _PlanMemo(_extend_plan)
 def _bucket_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: _Bucket,
                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (o [n * e, Hq, D], lse [n * e, Hq]) of a bucket's rows over their own runs."""
-    _, page_size, hkv, d = k_cache.shape
+    _, _, hkv, d = k_cache.shape
     hq = q.shape[1]
     qb = _take(q, b.rows).float()
     n = qb.shape[0] // b.e
-    k = k_cache.index_select(0, b.pages).view(n, -1, hkv, d)[:, : b.length].transpose(1, 2).float()
-    v = v_cache.index_select(0, b.pages).view(n, -1, hkv, d)[:, : b.length].transpose(1, 2).float()
+    k = _gathered_heads_first(k_cache, b.pages, n, b.length)
+    v = _gathered_heads_first(v_cache, b.pages, n, b.length)
     if b.e == 1:
         # A KV head's Hq / Hkv query heads as the rows of one tile: a view, and faster.
         o, lse = _flash(qb.view(n, hkv, hq // hkv, d), k, v, sm_scale, mask=b.mask)
@@ -470,8 +495,7 @@ def _single_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     for lo in range(0, s.e, _REFERENCE_Q_CHUNK):
         hi = min(s.e, lo + _REFERENCE_Q_CHUNK)
         keys = s.past + hi  # no row of this chunk sees past its last position
-        future = torch.arange(keys)[None, :] > (s.past + lo + torch.arange(hi - lo))[:, None]
-        mask = torch.zeros(future.shape).masked_fill_(future, _NEG_INF)
+        mask = _additive_mask(np.arange(keys)[None, :] > (s.past + lo + np.arange(hi - lo))[:, None])
         o, lse = _flash(qh[:, :, lo:hi], kh[:, :, :keys], vh[:, :, :keys], sm_scale, mask=mask)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0].transpose(0, 1))
@@ -497,14 +521,7 @@ def _own_parts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pl
 def _shared_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, part: _Shared,
                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (o [R, Hq, D], lse [R, Hq]) of a group's rows over its shared run, read in place."""
-    rows = part.rows
-    if isinstance(rows, slice) and q.dtype == torch.float32:
-        start, stop, _ = rows.indices(q.shape[0])
-        t, hq, d = q.shape
-        qh = q.as_strided((1, hq, stop - start, d), ((stop - start) * q.stride(0), q.stride(1), q.stride(0), q.stride(2)),
-                          q.storage_offset() + start * q.stride(0))
-    else:
-        qh = _heads_first(_take(q, rows))
+    qh = _rows_heads_first(q, part.rows)
     o, lse = _flash(qh, part.keys.heads_first(k_cache), part.keys.heads_first(v_cache), sm_scale)
     return o[0].transpose(0, 1), lse[0].transpose(0, 1)
 
@@ -512,13 +529,12 @@ def _shared_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def _stacked_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, st: _Stacked,
                   sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (o [R, Hq, D], lse [R, Hq]) of the stacked shared parts, rows in `st.dest` order."""
-    _, _, hkv, d = k_cache.shape
-    hq = q.shape[1]
+    _, hq, d = q.shape
+    g = st.groups
     qs = q.index_select(0, st.q_rows).float()
-    g = st.pages.shape[0] // -(-st.length // k_cache.shape[1])
     rows_per = qs.shape[0] // g
-    k = k_cache.index_select(0, st.pages).view(g, -1, hkv, d)[:, : st.length].transpose(1, 2).float()
-    v = v_cache.index_select(0, st.pages).view(g, -1, hkv, d)[:, : st.length].transpose(1, 2).float()
+    k = _gathered_heads_first(k_cache, st.pages, g, st.length)
+    v = _gathered_heads_first(v_cache, st.pages, g, st.length)
     o, lse = _flash(qs.view(g, rows_per, hq, d).transpose(1, 2), k, v, sm_scale, mask=st.mask)
     o = o.transpose(1, 2).reshape(g * rows_per, hq, d).index_select(0, st.slots)
     lse = lse.transpose(1, 2).reshape(g * rows_per, hq).index_select(0, st.slots)
@@ -528,21 +544,18 @@ def _stacked_part(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _shared_parts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _Plan,
                   sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (o, lse) of every row's shared part; rows without one get o = 0, lse = -inf."""
+    if plan.stacked is not None:
+        results = [(plan.stacked.dest, *_stacked_part(q, k_cache, v_cache, plan.stacked, sm_scale))]
+    else:
+        results = [(part.rows, *_shared_part(q, k_cache, v_cache, part, sm_scale)) for part in plan.shared]
+    if len(results) == 1 and _all_rows(results[0][0]):
+        return results[0][1], results[0][2]
     t, hq, d = q.shape
-    st = plan.stacked
-    if st is not None and _all_rows(st.dest):
-        return _stacked_part(q, k_cache, v_cache, st, sm_scale)
     o = torch.zeros(t, hq, d)
     lse = torch.full((t, hq), _NEG_INF)
-    if st is not None:
-        os_, ls_ = _stacked_part(q, k_cache, v_cache, st, sm_scale)
-        _put(o, st.dest, os_)
-        _put(lse, st.dest, ls_)
-        return o, lse
-    for part in plan.shared:
-        og, lg = _shared_part(q, k_cache, v_cache, part, sm_scale)
-        _put(o, part.rows, og)
-        _put(lse, part.rows, lg)
+    for rows, og, lg in results:
+        _put(o, rows, og)
+        _put(lse, rows, lg)
     return o, lse
 
 
@@ -575,8 +588,9 @@ def shared_prefix_decode_attention_cpu(
     prefix_lens: torch.Tensor, cu_groups: torch.Tensor, suffix_page_table: torch.Tensor, suffix_lens: torch.Tensor,
     sm_scale: float, max_prefix_len: int, max_suffix_len: int, max_group_size: int,
 ) -> torch.Tensor:
-    """CPU path of `shared_prefix_decode_attention` (contract: its reference): per group one
-    call over the prefix read in place, one call for all suffixes, merged."""
+    """CPU path of `shared_prefix_decode_attention` (contract: its reference): the groups'
+    prefixes in one call over one gathered block (or one call per group, read in place, where
+    padding would cost more), one call for all suffixes, merged."""
     _validate_shared(q, k_cache, v_cache, prefix_page_table, prefix_lens, cu_groups, suffix_page_table,
                      suffix_lens, sm_scale, max_prefix_len, max_suffix_len, max_group_size)
     plan = _shared_prefix_plans.get(

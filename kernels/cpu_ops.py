@@ -27,7 +27,6 @@ from .cpu_attention import (
     HAS_CPU_FLASH,
     decode_attention_cpu,
     extend_attention_cpu,
-    paged_tokens,
     shared_prefix_decode_attention_cpu,
 )
 from .rmsnorm import _validate as _validate_rmsnorm
@@ -36,10 +35,6 @@ from .rotary import _validate as _validate_rotary
 
 __all__ = [
     "CPU_OPS",
-    "paged_tokens",
-    "decode_attention_cpu",
-    "shared_prefix_decode_attention_cpu",
-    "extend_attention_cpu",
     "apply_rotary_cpu",
     "rms_norm_cpu",
     "silu_and_mul_cpu",

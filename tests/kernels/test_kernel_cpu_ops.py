@@ -1,4 +1,5 @@
-"""The fast CPU ops (kernels/cpu_ops.py) against float64 oracles and the plain references.
+"""The fast CPU ops (kernels/cpu_ops.py, kernels/cpu_attention.py) against float64 oracles and
+the plain references.
 
 Pages are laid out two ways: scattered at random (the gather path) and, after `_relayout`, as
 ascending runs per request (the zero-copy view path the allocator usually allows).
@@ -18,14 +19,13 @@ from radixserve.kernels import (
     rope_cos_sin_cache,
     shared_prefix_decode_attention_reference,
 )
-from radixserve.kernels.cpu_ops import (
-    CPU_OPS,
-    apply_rotary_cpu,
+from radixserve.kernels.cpu_attention import (
     decode_attention_cpu,
     extend_attention_cpu,
     paged_tokens,
     shared_prefix_decode_attention_cpu,
 )
+from radixserve.kernels.cpu_ops import CPU_OPS, apply_rotary_cpu
 from test_kernel_attention import CASCADE, MIXED, _cascade_case, _decode_args, _extend_args
 
 TOL = 1e-5
@@ -306,7 +306,7 @@ def test_shared_prefix_cpu_stacked_groups(groups, suffixes, all_rows, masked):
     args, b = _cascade_case(4, 3, groups, suffixes, device="cpu", seed=len(groups))
     plan = cpu_attention._shared_prefix_plan(*args[3:8], args[10], 4)
     assert plan.stacked is not None
-    assert isinstance(plan.stacked.dest, slice) == all_rows and (plan.stacked.mask is not None) == masked
+    assert cpu_attention._all_rows(plan.stacked.dest) == all_rows and (plan.stacked.mask is not None) == masked
     out = shared_prefix_decode_attention_cpu(*args)
     assert_close(out, naive_extend(b), TOL, "stacked vs float64")
     assert_close(out, shared_prefix_decode_attention_reference(*args), TOL, "stacked vs reference")
