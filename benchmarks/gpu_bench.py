@@ -408,6 +408,11 @@ def sec_engine_workloads(source: str, args: argparse.Namespace, subset: list[Ben
             add("gsp", f"achieved fraction of the bound ({label})", f"{frac:.2f}", ">= 0.6", frac >= 0.6, ratio=True)
 
         if budget_end_s is None or elapsed() < budget_end_s:
+            _flush_tree(engine)
+            gsp_step_split(engine, gsp(shape, VOCAB_RANGE, seed=2), "gsp")
+            _flush_tree(engine)
+            gsp_step_split(engine, subset, "peer's subset")
+        if budget_end_s is None or elapsed() < budget_end_s:
             sec_ttft(engine)
         if budget_end_s is None or elapsed() < budget_end_s:
             sec_overhead(engine, quick=args.quick)
@@ -415,6 +420,39 @@ def sec_engine_workloads(source: str, args: argparse.Namespace, subset: list[Ben
             sec_random(engine, args.random_requests)
     finally:
         free_engine(engine)
+
+
+def gsp_step_split(engine: Engine, reqs: list[BenchRequest], label: str) -> None:
+    """A gsp run once more with device events around every step: where its time goes, decode steps
+    (graph replays) apart from the steps that prefill (eager). Host = the engine thread's own
+    work per step, wait = blocked on a readback, device = the step's span on the GPU."""
+    loop, runner = engine._loop, engine._loop.runner
+    runner.profile = True
+    before = engine.call_on_loop(loop.timing.snapshot)
+    m = run_radixserve(engine, reqs, name="gsp-profiled")
+    engine.wait_idle()
+    after = engine.call_on_loop(loop.timing.snapshot)
+    runner.profile = False
+    d = {f: getattr(after, f) - getattr(before, f) for f in ("steps", "host_s", "wait_s", "decode_steps",
+         "decode_host_s", "decode_wait_s", "device_s", "decode_device_s", "profiled_steps",
+         "profiled_decode_steps")}
+    n_dec, n_other = d["decode_steps"], d["steps"] - d["decode_steps"]
+    p_dec, p_other = d["profiled_decode_steps"], d["profiled_steps"] - d["profiled_decode_steps"]
+    dev_other = d["device_s"] - d["decode_device_s"]
+
+    def per(x: float, n: int) -> str:
+        return f"{x / max(n, 1) * 1e3:.2f}"
+
+    add("gsp-steps", f"{label}: decode steps: count, host / wait / device ms per step "
+        f"({m.wall_s:.2f} s run, events on)",
+        f"{n_dec}: {per(d['decode_host_s'], n_dec)} / {per(d['decode_wait_s'], n_dec)} / "
+        f"{per(d['decode_device_s'], p_dec)}",
+        note=f"sums: host {d['decode_host_s']:.2f} s, wait {d['decode_wait_s']:.2f} s, "
+             f"device {d['decode_device_s']:.2f} s")
+    add("gsp-steps", f"{label}: prefill and mixed steps: count, host / wait / device ms per step",
+        f"{n_other}: {per(d['host_s'] - d['decode_host_s'], n_other)} / "
+        f"{per(d['wait_s'] - d['decode_wait_s'], n_other)} / {per(dev_other, p_other)}",
+        note=f"sums: host {d['host_s'] - d['decode_host_s']:.2f} s, device {dev_other:.2f} s")
 
 
 def warm_up(engine: Engine) -> None:

@@ -214,7 +214,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         hidden = self.model(batch, kv_cache, self.cos_sin_cache)
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)
 
     # ------------------------------------------------------------------------- weight loading
 

@@ -1,0 +1,158 @@
+"""Where a decode step's device time goes: the kernels of one CUDA-graph replay, on the GPU.
+
+    python benchmarks/profile_decode.py                       # llama-1b, gsp-like batches
+    python benchmarks/profile_decode.py --model llama-8b --batches 64
+
+Builds the engine's decode graphs (plain and shared-prefix) for a gsp-like batch: groups of 16
+requests sharing a 2048-token prefix, each with 128 question tokens plus 128 generated ones of
+its own. Times a replay with CUDA events (median of 50), then profiles 20 replays with
+torch.profiler and prints, per kernel name, the device time per replay and the share of the
+step, next to the step's byte floor (weights once + the KV the step must read, over the copy
+bandwidth measured here). Random weights (`load_format="dummy"`): the bytes and FLOPs are the
+real model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows  # noqa: E402
+from radixserve.runtime.kv_cache import KVCache  # noqa: E402
+from radixserve.runtime.loader import ResolvedModel, load_model  # noqa: E402
+from radixserve.runtime.model_config import NAMED_SHAPES  # noqa: E402
+
+PAGE = 16
+
+
+def event_ms(fn, reps: int = 50) -> float:  # noqa: ANN001
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 28, device="cuda")
+    b = torch.empty_like(a)
+    ms = event_ms(lambda: b.copy_(a), reps=10)
+    return 2 * a.numel() * 4 / (ms / 1e3)
+
+
+def gsp_rows(batch: int, prefix: int, own: int, rng: random.Random, free: list[int]) -> tuple[DecodeRows, list]:
+    """Groups of 16 rows sharing `prefix` tokens of pages; each row `own` more tokens."""
+    rows_pages, groups = [], []
+    shared_pages = prefix // PAGE
+    own_pages = -(-own // PAGE)
+    for start in range(0, batch, 16):
+        end = min(batch, start + 16)
+        head = [free.pop() for _ in range(shared_pages)]
+        for _ in range(start, end):
+            rows_pages.append(head + [free.pop() for _ in range(own_pages)])
+        groups.append((start, end, shared_pages))
+    tokens = [rng.randrange(1000, 30000) for _ in range(batch)]
+    return DecodeRows(tokens, [prefix + own] * batch, rows_pages), groups
+
+
+def profile(fn, reps: int = 20) -> dict[str, float]:  # noqa: ANN001
+    """Kernel name -> device microseconds per call of fn."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA" and ev.device_time_total > 0:
+            per[ev.name] += ev.device_time_total / reps
+    return per
+
+
+def short(name: str) -> str:
+    for key in ("gemm", "gemv", "splitK", "Kernel2", "sm90_xmma", "cutlass"):
+        if key in name:
+            return "matmul " + name[:70]
+    return name[:90]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--batches", default="32,256,512")
+    ap.add_argument("--prefix", type=int, default=2048)
+    ap.add_argument("--own", type=int, default=256)
+    args = ap.parse_args()
+    batches = [int(x) for x in args.batches.split(",")]
+    cfg = NAMED_SHAPES[args.model]
+    resolved = ResolvedModel(name=args.model, path=None, config=cfg, load_format="dummy", tokenizer_path=None)
+    model = load_model(resolved, "cuda", torch.bfloat16, progress=False)
+    copy_bps = copy_bandwidth()
+    max_bs = max(batches)
+    groups_max = -(-max_bs // 16)
+    own_pages = -(-args.own // PAGE)
+    num_pages = groups_max * (args.prefix // PAGE) + max_bs * own_pages + 2
+    kv = KVCache.for_model(cfg, num_pages, PAGE, torch.bfloat16, "cuda")
+    for t in kv.k + kv.v:
+        t.normal_(0, 1)
+    graphs = DecodeGraphs(model, kv, max_bs=max_bs, max_model_len=args.prefix + args.own + PAGE,
+                          dummy_page=num_pages - 1, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                          cascade=True, sizes=batches)
+    graphs.capture()
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if cfg.tie_word_embeddings:  # the LM head reads the shared matrix in full
+        weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    print(f"{args.model}: weights read per step {weight_bytes / 1e9:.2f} GB, copy {copy_bps / 1e12:.2f} TB/s")
+    summary = []
+    for bs in batches:
+        rng = random.Random(bs)
+        free = list(range(num_pages - 1))
+        rng.shuffle(free)
+        rows, groups = gsp_rows(bs, args.prefix, args.own, rng, free)
+        for cascade in (False, True):
+            with torch.inference_mode():
+                graphs.run(rows, groups if cascade else None)
+                graph = graphs._graphs[(bs, cascade)]
+                ms = event_ms(graph.replay)
+                kernels = profile(graph.replay)
+            seq = args.prefix + args.own
+            kv_bytes = (len(groups) * args.prefix + bs * args.own) * kv_tok if cascade else bs * seq * kv_tok
+            floor_ms = (weight_bytes + kv_bytes) / copy_bps * 1e3
+            total = sum(kernels.values())
+            label = f"batch {bs} {'cascade' if cascade else 'plain'}"
+            print(f"\n== {label}: replay {ms:.3f} ms (kernels sum {total / 1e3:.3f} ms, "
+                  f"{len(kernels)} kernel names); byte floor {floor_ms:.3f} ms "
+                  f"(weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.2f} GB) -> {floor_ms / ms:.2f} of it")
+            merged: dict[str, float] = defaultdict(float)
+            for name, us in kernels.items():
+                merged[short(name)] += us
+            for name, us in sorted(merged.items(), key=lambda kv_: -kv_[1])[:18]:
+                print(f"   {us:9.1f} us  {us / max(total, 1e-9):5.1%}  {name}")
+            summary.append((label, ms, floor_ms))
+    print("\n| step | replay ms | byte floor ms | fraction |\n|---|---|---|---|")
+    for label, ms, floor_ms in summary:
+        print(f"| {label} | {ms:.3f} | {floor_ms:.3f} | {floor_ms / ms:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
