@@ -601,8 +601,11 @@ def shared_prefix_decode_attention_cpu(
 
 def extend_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                          seq_lens: torch.Tensor, extend_lens: torch.Tensor, cu_extend: torch.Tensor,
-                         max_extend_len: int, sm_scale: float) -> torch.Tensor:
-    """CPU path of `extend_attention` (contract: `extend_attention_reference`)."""
-    _validate_extend(q, k_cache, v_cache, page_table, seq_lens, extend_lens, cu_extend, max_extend_len, sm_scale)
+                         max_extend_len: int, sm_scale: float, *, k_new: torch.Tensor | None = None,
+                         v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """CPU path of `extend_attention` (contract: `extend_attention_reference`). `k_new` and
+    `v_new` are accepted and not read: the plan views every key in place in the pages already."""
+    _validate_extend(q, k_cache, v_cache, page_table, seq_lens, extend_lens, cu_extend, max_extend_len, sm_scale,
+                     k_new, v_new)
     plan = _extend_plans.get((page_table, seq_lens, extend_lens, cu_extend), (q.shape[0], k_cache.shape[1]))
     return _attend(q, k_cache, v_cache, plan, sm_scale)

@@ -10,7 +10,9 @@ Figures (BENCHMARKS.md, kernel targets):
     heads, page 16, bf16: GB/s of KV read, as a fraction of the copy bandwidth (target >= 0.85);
     dense SDPA over the same KV (unpaged) as an anchor
   * extend: causal prefill 2k/4k/8k tokens, 32 heads, head_dim 64 and 128, bf16: TFLOP/s vs torch
-    SDPA with the cuDNN and the FlashAttention backends (target >= 0.8x cuDNN, > flash)
+    SDPA with the cuDNN and the FlashAttention backends (target >= 0.8x cuDNN, > flash), with the
+    new tokens' K/V passed as k_new/v_new (as the engine calls it) and all read from the pages; a
+    prefix-heavy shape (4096 cached + 512 new tokens); a config sweep at 4k, best 5 timed per length
   * cascade: shared-prefix decode vs plain paged decode on a gsp-like batch (64 groups x 16
     requests, 2048-token shared prefix, 256-token private suffix), and the KV-bytes ratio
   * rms_norm (with residual), silu_and_mul, store_kv: GB/s
@@ -166,29 +168,76 @@ def bench_decode(copy_gbs: float, quick: bool) -> None:
 
 # ------------------------------------------------------------------ extend
 
-EXTEND_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is swept in --quick too
-    (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3),
-    (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2),
-]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma) per head_dim, swept at T4096 with k_new/v_new
+# given (as the engine calls it); --quick takes the first 8. The current defaults come first.
+EXTEND_SWEEP = {
+    64: [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 64, 4, 4, True), (128, 64, 8, 2, True),
+         (64, 64, 4, 3, True), (64, 32, 4, 3, True), (128, 32, 8, 3, True), (128, 64, 8, 4, True),
+         (128, 128, 8, 3, True), (128, 64, 4, 3, True), (128, 32, 4, 4, True), (128, 128, 8, 4, True),
+         (128, 64, 8, 5, True), (256, 64, 8, 3, True)],
+    128: [(128, 128, 8, 3, True), (128, 128, 8, 3, False), (64, 64, 4, 3, True), (64, 64, 4, 2, True),
+          (64, 32, 4, 3, True), (128, 64, 8, 3, True), (64, 64, 8, 3, True), (128, 128, 8, 2, True),
+          (128, 64, 8, 4, True), (128, 64, 4, 3, True), (128, 32, 4, 4, True), (64, 64, 4, 4, True),
+          (128, 64, 8, 2, True), (128, 128, 4, 2, True)],
+}
+SMOKE_SWEEP = [(32, 16, 4, 1, True), (32, 16, 4, 1, False)]
 
 
-def _extend_case(t: int, h: int, d: int, p: int, dtype: torch.dtype):
-    k, v, table = paged_kv([t], p, h, d, dtype)
+def _cfg_kw(cfg: tuple[int, int, int, int, bool]) -> dict:
+    return dict(zip(("block_m", "block_n", "num_warps", "num_stages", "use_tma"), cfg))
+
+
+def _new_kv(k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, seq: list[int], ext: list[int]) -> dict:
+    """{k_new, v_new} [T, Hkv, D]: the cache's values at each request's new positions, in q's order."""
+    p = k.shape[1]
+    pos = [torch.arange(n - e, n, device=DEV) for n, e in zip(seq, ext)]
+    slots = torch.cat([table[i, x // p].long() * p + x % p for i, x in enumerate(pos)])
+    return {"k_new": k.flatten(0, 1)[slots], "v_new": v.flatten(0, 1)[slots]}
+
+
+def _extend_case(t: int, h: int, d: int, p: int, dtype: torch.dtype, prefix: int = 0):
+    """One request of `prefix` cached + t new tokens: (args, {k_new, v_new}, causal FLOPs)."""
+    n = prefix + t
+    k, v, table = paged_kv([n], p, h, d, dtype)
     q = torch.randn(t, h, d, device=DEV, dtype=dtype)
     i32 = dict(dtype=torch.int32, device=DEV)
-    return (q, k, v, table, torch.tensor([t], **i32), torch.tensor([t], **i32), torch.tensor([0, t], **i32), t,
+    args = (q, k, v, table, torch.tensor([n], **i32), torch.tensor([t], **i32), torch.tensor([0, t], **i32), t,
             d**-0.5)
+    return args, _new_kv(k, v, table, [n], [t]), 4 * h * d * t * (prefix + (t + 1) / 2)
+
+
+def _sdpa_ms(t_q: int, t_k: int, h: int, d: int, dtype: torch.dtype) -> dict[str, float]:
+    """cuDNN and FlashAttention SDPA over dense [1, h, L, d] tensors, causal mask aligned bottom-right."""
+    if DEV != "cuda":
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    q = torch.randn(1, h, t_q, d, device=DEV, dtype=dtype)
+    k, v = torch.randn(2, 1, h, t_k, d, device=DEV, dtype=dtype).unbind(0)
+    mask = dict(is_causal=True) if t_q == t_k else dict(attn_mask=causal_lower_right(t_q, t_k))
+    out = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, **mask)  # noqa: E731
+                fn()
+                out[name] = bench(fn)
+        except Exception as exc:
+            print(f"  sdpa {name} failed: {str(exc)[:120]}")
+    return out
 
 
 def bench_extend(quick: bool) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     h, p = (32, 16) if not SMOKE else (2, 16)
     lengths = [2048, 4096, 8192] if not SMOKE else [40]
     dims = [64, 128] if not SMOKE else [32]
+    prefix_heavy = (4096, 512) if not SMOKE else (48, 8)  # (cached prefix, new tokens)
     dtype = torch.bfloat16
-    # Correctness: a mixed batch (prefix hits, decode rows, a page-ragged prefill) in bf16 and fp32.
-    mseq, mext = ([1500, 700, 2048, 129, 1, 64], [1500, 300, 2048, 1, 1, 63]) if not SMOKE else ([20, 9], [20, 3])
+    # Correctness: a mixed batch (prefix hits, decode rows, a page-ragged prefill, a zero-length
+    # extend) in bf16 and fp32, new keys from the pages, from k_new by TMA (sm90+) and by pointers.
+    mseq, mext = ([1500, 700, 2048, 129, 1, 64, 900], [1500, 300, 2048, 1, 1, 63, 0]) if not SMOKE else \
+        ([20, 9, 7], [20, 3, 0])
     for dt, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
         for d in dims:
             k, v, table = paged_kv(mseq, p, 8 if not SMOKE else 1, d, dt)
@@ -196,59 +245,66 @@ def bench_extend(quick: bool) -> None:
             i32 = dict(dtype=torch.int32, device=DEV)
             cu = torch.tensor([0] + list(torch.cumsum(torch.tensor(mext), 0).tolist()), **i32)
             args = (q, k, v, table, torch.tensor(mseq, **i32), torch.tensor(mext, **i32), cu, max(mext), d**-0.5)
-            check(f"extend {dt} d{d} mixed GQA batch", K.extend_attention(*args), K.extend_attention_reference(*args),
+            ref = K.extend_attention_reference(*args)
+            new_kv = _new_kv(k, v, table, mseq, mext)
+            name = f"extend {dt} d{d} mixed GQA batch"
+            check(f"{name}, pages", K.extend_attention(*args), ref, tol)
+            check(f"{name}, k_new", K.extend_attention(*args, **new_kv), ref, tol)
+            check(f"{name}, k_new pointers", extend_mod.extend_attention_impl(*args, **new_kv, use_tma=False), ref,
                   tol)
     for d in dims:
+        # Sweep at one length, then time the 5 fastest configs at every length.
         t_tune = 4096 if not SMOKE else lengths[0]
-        args = _extend_case(t_tune, h, d, p, dtype)
+        args, new_kv, flops = _extend_case(t_tune, h, d, p, dtype)
         ref = K.extend_attention_reference(*args)
-        configs = EXTEND_CONFIGS[: 3 if quick else None] if not SMOKE else [None]
-        configs = [None] + configs if not SMOKE else configs
-        best = None
+        configs = SMOKE_SWEEP if SMOKE else EXTEND_SWEEP[d][: 8 if quick else None]
+        timed = []
         for cfg in configs:
-            kw = {} if cfg is None else dict(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
             try:
-                fn = lambda kw=kw: extend_mod.extend_attention_impl(*args, **kw)  # noqa: E731
+                fn = lambda cfg=cfg: extend_mod.extend_attention_impl(*args, **new_kv, **_cfg_kw(cfg))  # noqa: E731
                 err = rel_err(fn(), ref)
                 if err > 2e-2:
                     print(f"  extend d{d} {cfg} WRONG ({err:.2e})")
                     continue
-                ms = bench(fn)
-            except Exception as exc:
+                timed.append((bench(fn), cfg))
+            except Exception as exc:  # a config that does not compile (shared memory) is skipped
                 print(f"  extend d{d} {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            flops = 4 * h * d * t_tune * (t_tune + 1) / 2
-            print(f"  extend d{d} T{t_tune} cfg {cfg}: {ms * 1e3:8.1f} us {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
-            if best is None or ms < best[0]:
-                best = (ms, kw)
-        if best is None:
-            row(f"extend d{d}", "", "no variant ran", "")
+        if not timed:
+            row(f"extend d{d}", "", "no config ran", "")
             continue
+        timed.sort()
+        print(f"  extend d{d} T{t_tune} sweep (BLOCK_M, BLOCK_N, warps, stages, tma), fastest first:")
+        for ms, cfg in timed:
+            print(f"    {str(cfg):<28} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+        top = [cfg for _, cfg in timed[:5]]
+        tf = lambda ms, flops: f"{flops / ms / 1e9:.0f} TFLOP/s"  # noqa: E731
         for t in lengths:
-            args = _extend_case(t, h, d, p, dtype)
-            flops = 4 * h * d * t * (t + 1) / 2
-            ms_def = bench(lambda: K.extend_attention(*args))
-            ms_best = bench(lambda: extend_mod.extend_attention_impl(*args, **best[1]))
-            q4 = args[0].transpose(0, 1)[None]
-            kd = torch.randn_like(q4)
-            vd = torch.randn_like(q4)
-            sdpa = {}
-            for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-                if DEV != "cuda":
-                    continue
-                try:
-                    with sdpa_kernel([backend]):
-                        fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-                            q4, kd, vd, is_causal=True)
-                        fn()
-                        sdpa[name] = bench(fn)
-                except Exception as exc:
-                    print(f"  sdpa {name} failed: {exc}")
-            tf = lambda ms: flops / ms / 1e9  # noqa: E731
-            note = "; ".join(f"{n} {tf(ms):.0f} TF/s, ratio {ms / ms_best:.2f}x" for n, ms in sdpa.items())
-            row(f"extend d{d} (default cfg)", f"T{t} causal {h}h P{p} bf16", f"{tf(ms_def):.0f} TFLOP/s", "")
-            row(f"extend d{d} (best {tuple(best[1].values())})", f"T{t} causal {h}h P{p} bf16",
-                f"{tf(ms_best):.0f} TFLOP/s", note)
+            args, new_kv, flops = _extend_case(t, h, d, p, dtype)
+            ms_new = bench(lambda: K.extend_attention(*args, **new_kv))
+            ms_paged = bench(lambda: K.extend_attention(*args))
+            per_cfg = [(bench(lambda cfg=cfg: extend_mod.extend_attention_impl(*args, **new_kv, **_cfg_kw(cfg))),
+                        cfg) for cfg in top]
+            print("  " + f"extend d{d} T{t} top configs: " + "; ".join(f"{c} {tf(ms, flops)}" for ms, c in per_cfg))
+            ms_best, cfg_best = min(per_cfg)
+            sdpa = _sdpa_ms(t, t, h, d, dtype)
+            vs = lambda ms: "; ".join(f"{n} {tf(s, flops)}, ours {s / ms:.2f}x" for n, s in sdpa.items())  # noqa: E731
+            shape = f"T{t} causal {h}h P{p} bf16"
+            row(f"extend d{d} k_new (default cfg)", shape, tf(ms_new, flops), vs(ms_new))
+            row(f"extend d{d} all paged (default cfg)", shape, tf(ms_paged, flops),
+                f"k_new {ms_paged / ms_new:.2f}x faster")
+            row(f"extend d{d} k_new best {cfg_best}", shape, tf(ms_best, flops), vs(ms_best))
+        # Prefix-heavy: most keys come from the pages (a long cached prompt, a short new turn).
+        prefix, t = prefix_heavy
+        args, new_kv, flops = _extend_case(t, h, d, p, dtype, prefix=prefix)
+        check(f"extend d{d} prefix {prefix} + {t} new, k_new", K.extend_attention(*args, **new_kv),
+              K.extend_attention_reference(*args), 2e-2)
+        ms_new = bench(lambda: K.extend_attention(*args, **new_kv))
+        ms_paged = bench(lambda: K.extend_attention(*args))
+        sdpa = _sdpa_ms(t, prefix + t, h, d, dtype)
+        shape = f"{prefix} cached + {t} new, {h}h P{p} bf16"
+        row(f"extend d{d} prefix-heavy k_new", shape, tf(ms_new, flops),
+            "; ".join(f"{n} {tf(s, flops)}, ours {s / ms_new:.2f}x" for n, s in sdpa.items()))
+        row(f"extend d{d} prefix-heavy all paged", shape, tf(ms_paged, flops), f"k_new {ms_paged / ms_new:.2f}x faster")
 
 
 # ------------------------------------------------------------------ cascade (shared prefix)

@@ -107,7 +107,7 @@ class LlamaAttention(nn.Module):
         else:
             out = self.ops.extend_attention(q, k_cache, v_cache, batch.page_table, batch.seq_lens,
                                             batch.extend_lens, batch.cu_extend, batch.max_extend_len,
-                                            self.sm_scale)
+                                            self.sm_scale, k_new=k, v_new=v)
         return self.o_proj(out.reshape(t, self.q_size))
 
 

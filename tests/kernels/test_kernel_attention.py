@@ -26,11 +26,22 @@ shared_mod = importlib.import_module("radixserve.kernels.shared_prefix_attention
 # (seq_lens, extend_lens): decode rows, a long prefill, prefix hits, and lengths that end exactly
 # on / just past a page boundary for page sizes 4 and 16.
 MIXED = ([17, 40, 37, 32, 33, 1], [1, 40, 5, 16, 33, 1])
+# For the three key loops of the kernel (prefix, new keys before the tile, diagonal): prefixes
+# 53 and 63 end mid-page (P 4, 16, 64) and mid-block, a zero-length extend (50, 0), decode rows,
+# and extends of 22 and 40 that span two query tiles of 16 or 32 rows.
+THREE_LOOPS = ([75, 9, 1, 50, 23, 64, 70], [22, 9, 1, 0, 7, 1, 40])
 
 
 def _extend_args(b):
     return (b.q, b.k_cache, b.v_cache, b.page_table, b.seq_lens, b.extend_lens, b.cu_extend,
             b.max_extend_len, b.sm_scale)
+
+
+def _new_kv(b):
+    """{k_new, v_new} [T, Hkv, D]: what the cache holds for each request's new tokens, in q's order."""
+    seq, ext = b.seq_lens.tolist(), b.extend_lens.tolist()
+    return {name: torch.cat([x[n - e :] for x, n, e in zip(dense, seq, ext)]).to(b.q.device)
+            for name, dense in (("k_new", b.dense_k), ("v_new", b.dense_v))}
 
 
 # ---------------------------------------------------------------- extend attention
@@ -60,12 +71,80 @@ def test_extend_triton_small_blocks_odd_head_dim():
     assert_close(out, expected, TOL[torch.float32], "small blocks")
 
 
+@pytest.mark.parametrize("page_size,group,source", [(1, 1, "pointers"), (16, 4, "tma"), (64, 2, "tma"),
+                                                     (64, 3, "pointers"), (16, 2, "pages")])
+def test_extend_triton_three_loops_fp32(page_size, group, source):
+    b = make_paged_batch(*THREE_LOOPS, page_size=page_size, num_kv_heads=2, group=group, head_dim=16,
+                         seed=page_size + group)
+    new_kv = {} if source == "pages" else _new_kv(b)
+    expected = naive_extend(b)
+    assert_close(extend_attention_reference(*_extend_args(b), **new_kv), expected, 1e-5, "reference vs float64")
+    out = extend_mod.extend_attention_impl(*_extend_args(b), **new_kv, block_m=16, block_n=16,
+                                           use_tma=None if source == "pages" else source == "tma")
+    assert_close(out, expected, TOL[torch.float32], f"triton ({source}) vs float64")
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_extend_triton_reads_new_kv_from_k_new(use_tma):
+    # k_new/v_new differ from the cache here only to show which source each key came from: the
+    # kernel must read the prefix from the pages and the new tokens from k_new/v_new.
+    b = make_paged_batch([40, 23], [21, 23], page_size=4, num_kv_heads=1, group=2, head_dim=16, seed=13)
+    new_kv = {name: torch.randn_like(x) for name, x in _new_kv(b).items()}
+    expected = extend_attention_reference(*_extend_args(b), **new_kv)
+    assert (expected - extend_attention_reference(*_extend_args(b))).abs().max() > 0.1
+    out = extend_mod.extend_attention_impl(*_extend_args(b), **new_kv, use_tma=use_tma)
+    assert_close(out, expected, TOL[torch.float32], f"use_tma={use_tma}")
+
+
+def test_extend_new_kv_strided_and_fallbacks():
+    b = make_paged_batch([20, 9], [20, 3], page_size=4, num_kv_heads=2, group=2, head_dim=16, seed=4)
+    new_kv = _new_kv(b)
+    expected = extend_attention_reference(*_extend_args(b))
+    # Views of a fused QKV projection [T, Hq + 2 Hkv, D]: heads adjacent, TMA-compatible.
+    qkv = torch.cat([b.q, new_kv["k_new"], new_kv["v_new"]], 1)
+    args = list(_extend_args(b))
+    args[0] = qkv[:, :4]
+    views = {"k_new": qkv[:, 4:6], "v_new": qkv[:, 6:]}
+    assert_close(extend_mod.extend_attention_impl(*args, **views, use_tma=True), expected, TOL[torch.float32])
+    # Heads not adjacent (stride(1) != D): no 2D view for TMA, pointer loads by default.
+    wide = {name: torch.cat([x, x], 2)[..., :16] for name, x in new_kv.items()}
+    assert_close(extend_attention(*_extend_args(b), **wide), expected, TOL[torch.float32], "stride(1) != D")
+    with pytest.raises(ValueError, match="stride"):
+        extend_mod.extend_attention_impl(*_extend_args(b), **wide, use_tma=True)
+    with pytest.raises(ValueError, match="needs k_new"):
+        extend_mod.extend_attention_impl(*_extend_args(b), use_tma=True)
+    # head_dim 24 (not a power of 2): a TMA box would read the next head, pointer loads by default.
+    b = make_paged_batch([40, 5], [22, 5], page_size=4, num_kv_heads=1, group=3, head_dim=24, seed=6)
+    out = extend_mod.extend_attention_impl(*_extend_args(b), **_new_kv(b), block_m=16, block_n=16)
+    assert_close(out, naive_extend(b), TOL[torch.float32], "head_dim 24")
+
+
+def test_extend_new_kv_validation():
+    b = make_paged_batch([9, 5], [4, 5], page_size=4, num_kv_heads=2, group=1, head_dim=16)
+    kv = _new_kv(b)
+    bad_inputs = [
+        ({"k_new": kv["k_new"]}, ValueError, "both"),
+        ({"k_new": kv["k_new"][:-1], "v_new": kv["v_new"][:-1]}, ValueError, "shape"),
+        ({"k_new": kv["k_new"][:, :1], "v_new": kv["v_new"]}, ValueError, "shape"),
+        ({"k_new": kv["k_new"][0], "v_new": kv["v_new"][0]}, ValueError, "k_new"),
+        ({"k_new": kv["k_new"].half(), "v_new": kv["v_new"]}, TypeError, "k_new"),
+        ({"k_new": kv["k_new"], "v_new": kv["v_new"].transpose(1, 2).contiguous().transpose(1, 2)}, ValueError,
+         "contiguous"),
+    ]
+    for fn in (extend_attention, extend_attention_reference):
+        for new_kv, exc, match in bad_inputs:
+            with pytest.raises(exc, match=match):
+                fn(*_extend_args(b), **new_kv)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_extend_triton_half_precision(dtype):
     b = make_paged_batch(*MIXED, page_size=4, num_kv_heads=2, group=2, head_dim=32, dtype=dtype, seed=7)
     out = extend_attention(*_extend_args(b))
     assert out.dtype == dtype
     assert_close(out, naive_extend(b).to(out.device), TOL[dtype], f"triton {dtype} vs float64")
+    out = extend_attention(*_extend_args(b), **_new_kv(b))
+    assert_close(out, naive_extend(b).to(out.device), TOL[dtype], f"triton {dtype} with k_new vs float64")
     assert_close(extend_attention_reference(*_extend_args(b)), naive_extend(b).to(out.device), TOL[dtype],
                  f"reference {dtype} vs float64")
 
@@ -88,11 +167,15 @@ def test_extend_gpu_sizes(head_dim, dtype, page_size):
     pytest.importorskip("triton")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    seq = [1500, 700, 2048, 129, 1, 64]
-    ext = [1500, 300, 2048, 1, 1, 63]
+    seq = [1500, 700, 2048, 129, 1, 64, 1000]
+    ext = [1500, 300, 2048, 1, 1, 63, 0]
     b = make_paged_batch(seq, ext, page_size=page_size, num_kv_heads=4, group=4, head_dim=head_dim, dtype=dtype)
-    out = extend_attention(*_extend_args(b))
-    assert_close(out, extend_attention_reference(*_extend_args(b)), TOL[dtype])
+    expected = extend_attention_reference(*_extend_args(b))
+    assert_close(extend_attention(*_extend_args(b)), expected, TOL[dtype], "pages")
+    new_kv = _new_kv(b)
+    assert_close(extend_attention(*_extend_args(b), **new_kv), expected, TOL[dtype], "k_new (TMA on sm90+)")
+    out = extend_mod.extend_attention_impl(*_extend_args(b), **new_kv, use_tma=False)
+    assert_close(out, expected, TOL[dtype], "k_new, pointer loads")
 
 
 for _mark in gpu:
