@@ -368,7 +368,8 @@ def sec_engine_workloads(source: str, args: argparse.Namespace, subset: list[Ben
              f"{len(engine._loop.runner.graphs.sizes) if engine.cuda_graphs else 0} batch sizes x (plain, cascade)")
     runner = engine._loop.runner
     try:
-        warm_up(engine)
+        warm_up(engine, gsp(GSPShape(len(subset) // 16 or 1, 16, shape.prefix_len, shape.question_len, 8),
+                            VOCAB_RANGE, seed=99))
         # ---- the peer's subset, then the full gsp
         sub = run_radixserve(engine, subset, name="gsp-subset")
         engine.wait_idle()
@@ -455,14 +456,19 @@ def gsp_step_split(engine: Engine, reqs: list[BenchRequest], label: str) -> None
         note=f"sums: host {d['host_s'] - d['decode_host_s']:.2f} s, device {dev_other:.2f} s")
 
 
-def warm_up(engine: Engine) -> None:
-    """Compile what graph capture did not (prefill kernels) before anything is timed."""
+def warm_up(engine: Engine, like: list[BenchRequest]) -> None:
+    """Compile what graph capture did not (prefill kernels, one specialization per tile config
+    and shape class) before anything is timed: assorted prompts, then `like` (requests shaped
+    like the timed ones, on other prompts)."""
     rng = random.Random(1234)
     shared = random_ids(rng, 1024, *VOCAB_RANGE)
     prompts = [random_ids(rng, n, *VOCAB_RANGE) for n in (3000, 700, 90, 5)]
     prompts += [shared + random_ids(rng, 40, *VOCAB_RANGE) for _ in range(3)]
     t0 = time.perf_counter()
     engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    engine.wait_idle()
+    _flush_tree(engine)
+    run_radixserve(engine, like, name="warm-up")
     engine.wait_idle()
     _flush_tree(engine)
     print(f"   engine warm-up {time.perf_counter() - t0:.1f} s", flush=True)

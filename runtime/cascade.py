@@ -50,6 +50,9 @@ class CascadePlan:
 
     order: list[int]
     groups: list[tuple[int, int, int]]
+    # True when no group's prefix was cut short by a member's length: the same requests one
+    # token longer would get this very plan (see CascadePlanner).
+    settled: bool = False
 
     @property
     def shares(self) -> bool:
@@ -64,9 +67,14 @@ def plan_cascade(pages: Sequence[Sequence[int]], seq_lens: Sequence[int], page_s
     order: list[int] = []
     groups: list[tuple[int, int, int]] = []
     singles: list[int] = []
+    settled = True
     for members in by_first.values():
-        shared = _shared_pages(members, pages, seq_lens, page_size)
-        if len(members) < 2 or shared * page_size < MIN_SHARED_TOKENS:
+        if len(members) < 2:
+            singles.extend(members)
+            continue
+        shared, capped = _shared_pages(members, pages, seq_lens, page_size)
+        settled = settled and not capped
+        if shared * page_size < MIN_SHARED_TOKENS:
             singles.extend(members)
             continue
         groups.append((len(order), len(order) + len(members), shared))
@@ -74,17 +82,53 @@ def plan_cascade(pages: Sequence[Sequence[int]], seq_lens: Sequence[int], page_s
     for i in singles:
         groups.append((len(order), len(order) + 1, 0))
         order.append(i)
-    return CascadePlan(order, groups)
+    return CascadePlan(order, groups, settled)
 
 
-def _shared_pages(members: list[int], pages: Sequence[Sequence[int]], seq_lens: Sequence[int], page_size: int) -> int:
-    """Leading pages every member holds in common, leaving each at least its last token."""
+def _shared_pages(members: list[int], pages: Sequence[Sequence[int]], seq_lens: Sequence[int],
+                  page_size: int) -> tuple[int, bool]:
+    """(leading pages every member holds in common, leaving each at least its last token;
+    whether that count was capped by the members' lengths rather than ended by a differing page)."""
     limit = min((seq_lens[i] - 1) // page_size for i in members)
     if limit <= 0:
-        return 0
+        return 0, True
     rows = np.array([pages[i][:limit] for i in members], dtype=np.int64)  # [n, limit]
     differs = (rows != rows[0]).any(axis=0)
-    return int(differs.argmax()) if differs.any() else limit
+    return (int(differs.argmax()), False) if differs.any() else (limit, True)
+
+
+class CascadePlanner:
+    """`plan_cascade` that keeps its last plan for the next decode step.
+
+    Planning gathers every member's leading pages (about 2 ms a step for 512 rows in 32 groups
+    on the dev machine). A running request's page list only grows at its end, so while the
+    batch holds the same requests in the same order and the last plan was `settled` (every
+    group's prefix ended at a page that differs, not at a member's length), each group keeps
+    its prefix and the plan is the same. Requests are compared by identity and held until the
+    next call, so an id cannot be reused meanwhile. A request's pages change otherwise only when
+    it is preempted and prefilled again, in a step that is not planned: the caller `forget`s the
+    kept plan at every such step. Engine thread only.
+    """
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self._requests: tuple[object, ...] = ()
+        self._plan: CascadePlan | None = None
+        self.reused = 0
+
+    def plan(self, requests: Sequence[object], pages: Sequence[Sequence[int]], seq_lens: Sequence[int]) -> CascadePlan:
+        last = self._plan
+        if last is not None and last.settled and len(requests) == len(self._requests) and all(
+            a is b for a, b in zip(requests, self._requests)
+        ):
+            self.reused += 1
+            return last
+        self._requests = tuple(requests)
+        self._plan = plan_cascade(pages, seq_lens, self.page_size)
+        return self._plan
+
+    def forget(self) -> None:
+        self._requests, self._plan = (), None
 
 
 def build_cascade_info(

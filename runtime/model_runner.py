@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from radixserve.runtime.cascade import CascadePlan, build_cascade_info, plan_cascade
+from radixserve.runtime.cascade import CascadePlan, CascadePlanner, build_cascade_info
 from radixserve.runtime.constraints import allocate_bitmask, apply_bitmask
 from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows
 from radixserve.runtime.forward_batch import SeqStep, build_forward_batch
@@ -131,6 +131,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # Benchmarks: time each step's device work with CUDA events (PendingStep.device_s).
         self.profile = False
+        self._cascade_planner = CascadePlanner(self.page_size)
 
     def enable_cuda_graphs(self, *, max_bs: int, max_model_len: int, dummy_page: int, num_heads: int,
                            num_kv_heads: int, use_graphs: bool | None = None) -> DecodeGraphs:
@@ -163,11 +164,14 @@ class ModelRunner:
 
     def _plan_cascade(self, seqs: list[ScheduledSeq]) -> CascadePlan | None:
         """A cascade plan when this is a decode batch whose requests share cached prefixes."""
-        if len(seqs) < 2 or any(s.num_new != 1 for s in seqs):
+        if len(seqs) < 2 or any(s.num_new != 1 for s in seqs) or len({s.request.pages[0] for s in seqs}) == len(seqs):
+            # Not a decode batch, or no two requests start on the same page (an O(n) check):
+            # nothing to plan, and a request that was preempted and prefilled again in a step
+            # like this one may hold new pages, so the planner's kept plan goes.
+            self._cascade_planner.forget()
             return None
-        if len({s.request.pages[0] for s in seqs}) == len(seqs):
-            return None  # no two requests start on the same page: nothing is shared (O(n) check)
-        plan = plan_cascade([s.request.pages for s in seqs], [s.end for s in seqs], self.page_size)
+        plan = self._cascade_planner.plan([s.request for s in seqs], [s.request.pages for s in seqs],
+                                          [s.end for s in seqs])
         return plan if plan.shares else None
 
     def _use_graph(self, seqs: list[ScheduledSeq], plan: CascadePlan | None) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from radixserve.kernels import decode_attention_reference, shared_prefix_decode_attention_reference
-from radixserve.runtime.cascade import MIN_SHARED_TOKENS, build_cascade_info, plan_cascade
+from radixserve.runtime.cascade import MIN_SHARED_TOKENS, CascadePlanner, build_cascade_info, plan_cascade
 
 
 def make_batch(page_size: int, seed: int):
@@ -64,3 +64,48 @@ def test_cascade_equals_plain_decode(page_size: int) -> None:
         c.suffix_lens, 0.25, c.max_prefix_len, c.max_suffix_len, c.max_group_size,
     )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_planner_keeps_a_settled_plan_while_the_requests_grow() -> None:
+    """Decode steps of the same requests: the kept plan equals a fresh one at every step; a
+    change of batch, an unsettled plan or `forget` makes it plan again."""
+    page_size = 4
+    pages, seq_lens = make_batch(page_size, seed=3)
+    requests = [object() for _ in pages]
+    planner = CascadePlanner(page_size)
+    rng = random.Random(0)
+    next_page = 1000
+    for step in range(12):
+        plan = planner.plan(requests, pages, seq_lens)
+        fresh = plan_cascade(pages, seq_lens, page_size)
+        assert (plan.order, plan.groups) == (fresh.order, fresh.groups)
+        for i in range(len(pages)):  # every request decodes one token, a new page when full
+            if seq_lens[i] % page_size == 0:
+                pages[i] = pages[i] + [next_page]
+                next_page += 1
+            seq_lens[i] += 1
+        rng.random()
+    assert fresh.settled and planner.reused == 11
+    planner.plan(requests[:-1], pages[:-1], seq_lens[:-1])  # one request left the batch
+    assert planner.reused == 11
+    planner.forget()
+    planner.plan(requests[:-1], pages[:-1], seq_lens[:-1])
+    assert planner.reused == 11
+
+
+def test_plan_capped_by_a_short_member_is_not_settled() -> None:
+    """Two requests whose common pages run up to the shorter one's last token: the prefix is cut
+    by its length and may grow, so the plan is not kept."""
+    shared = list(range(MIN_SHARED_TOKENS // 4 + 2))
+    pages = [shared + [500, 501], shared + [600, 601]]  # a differing page within both: settled
+    seq_lens = [len(shared) * 4 + 5, len(shared) * 4 + 6]
+    assert plan_cascade(pages, seq_lens, 4).settled
+    pages = [shared, shared + [600]]
+    seq_lens = [len(shared) * 4, len(shared) * 4 + 3]
+    plan = plan_cascade(pages, seq_lens, 4)
+    assert plan.shares and not plan.settled
+    planner = CascadePlanner(4)
+    reqs = [object(), object()]
+    planner.plan(reqs, pages, seq_lens)
+    planner.plan(reqs, pages, seq_lens)
+    assert planner.reused == 0
