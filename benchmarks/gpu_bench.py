@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.harness import RunMetrics, percentile, run_radixserve  # noqa: E402
 from benchmarks.workloads import GSPShape, BenchRequest, gsp, gsp_optimal_hit_tokens, random_ids  # noqa: E402
 from radixserve.runtime import Engine, SamplingParams  # noqa: E402
+from radixserve.runtime.engine_loop import LoopTiming  # noqa: E402
 from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows  # noqa: E402
 from radixserve.runtime.kv_cache import KVCache  # noqa: E402
 from radixserve.runtime.loader import ResolvedModel, load_model  # noqa: E402
@@ -186,13 +187,27 @@ def free_engine(engine: Engine | None) -> None:
 CEIL: dict[str, float] = {}
 
 
-def sec_ceilings() -> None:
-    n = 1 << 28  # 1 GiB of fp32
-    a = torch.randn(n, device="cuda")
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, read + written: the HBM ceiling."""
+    a = torch.randn(1 << 28, device="cuda")
     b = torch.empty_like(a)
     ms = bench_ms(lambda: b.copy_(a), reps=10)
-    CEIL["copy_Bps"] = 2 * a.numel() * 4 / (ms / 1e3)
-    del a, b
+    return 2 * a.numel() * a.element_size() / (ms / 1e3)
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes a decode step reads: every parameter but the embedding table (it gathers
+    only the batch's rows), plus the LM head's matrix where it is the tied embedding."""
+    params = dict(model.named_parameters())  # a tied weight appears once, under the embedding's name
+    total = sum(p.numel() * p.element_size() for n, p in params.items() if "embed_tokens" not in n)
+    head = getattr(model, "lm_head", None)
+    if head is not None and "lm_head.weight" not in params:
+        total += head.weight.numel() * head.weight.element_size()
+    return total
+
+
+def sec_ceilings() -> None:
+    CEIL["copy_Bps"] = copy_bandwidth()
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = bench_ms(lambda: x @ y, reps=10)
@@ -225,8 +240,7 @@ def sec_decode(quick: bool) -> None:
     t0 = time.perf_counter()
     graphs.capture()
     print(f"   captured {len(batches)} graphs in {time.perf_counter() - t0:.1f} s", flush=True)
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if "embed_tokens" not in n)  # the embedding is gathered (bs rows), not read
+    weight_bytes = decode_weight_bytes(model)
     per_tok = kv_bytes_per_token(cfg)
     rng = random.Random(0)
     perm = list(range(num_pages - 1))
@@ -423,37 +437,40 @@ def sec_engine_workloads(source: str, args: argparse.Namespace, subset: list[Ben
         free_engine(engine)
 
 
+def timed_run(engine: Engine, reqs: list[BenchRequest], name: str, *,
+              events: bool = False) -> tuple[RunMetrics, LoopTiming]:
+    """Run `reqs` to completion; also return the engine loop's timing over the run (with CUDA
+    events around every step when `events`)."""
+    loop = engine._loop
+    loop.runner.profile = events
+    before = engine.call_on_loop(loop.timing.snapshot)
+    m = run_radixserve(engine, reqs, name=name)
+    engine.wait_idle()
+    timing = engine.call_on_loop(loop.timing.snapshot).since(before)
+    loop.runner.profile = False
+    return m, timing
+
+
 def gsp_step_split(engine: Engine, reqs: list[BenchRequest], label: str) -> None:
     """A gsp run once more with device events around every step: where its time goes, decode steps
     (graph replays) apart from the steps that prefill (eager). Host = the engine thread's own
     work per step, wait = blocked on a readback, device = the step's span on the GPU."""
-    loop, runner = engine._loop, engine._loop.runner
-    runner.profile = True
-    before = engine.call_on_loop(loop.timing.snapshot)
-    m = run_radixserve(engine, reqs, name="gsp-profiled")
-    engine.wait_idle()
-    after = engine.call_on_loop(loop.timing.snapshot)
-    runner.profile = False
-    d = {f: getattr(after, f) - getattr(before, f) for f in ("steps", "host_s", "wait_s", "decode_steps",
-         "decode_host_s", "decode_wait_s", "device_s", "decode_device_s", "profiled_steps",
-         "profiled_decode_steps")}
-    n_dec, n_other = d["decode_steps"], d["steps"] - d["decode_steps"]
-    p_dec, p_other = d["profiled_decode_steps"], d["profiled_steps"] - d["profiled_decode_steps"]
-    dev_other = d["device_s"] - d["decode_device_s"]
+    m, d = timed_run(engine, reqs, "gsp-profiled", events=True)
+    n_dec, n_other = d.decode_steps, d.steps - d.decode_steps
+    p_dec, p_other = d.profiled_decode_steps, d.profiled_steps - d.profiled_decode_steps
+    host_other, dev_other = d.host_s - d.decode_host_s, d.device_s - d.decode_device_s
 
     def per(x: float, n: int) -> str:
         return f"{x / max(n, 1) * 1e3:.2f}"
 
     add("gsp-steps", f"{label}: decode steps: count, host / wait / device ms per step "
         f"({m.wall_s:.2f} s run, events on)",
-        f"{n_dec}: {per(d['decode_host_s'], n_dec)} / {per(d['decode_wait_s'], n_dec)} / "
-        f"{per(d['decode_device_s'], p_dec)}",
-        note=f"sums: host {d['decode_host_s']:.2f} s, wait {d['decode_wait_s']:.2f} s, "
-             f"device {d['decode_device_s']:.2f} s")
+        f"{n_dec}: {per(d.decode_host_s, n_dec)} / {per(d.decode_wait_s, n_dec)} / {per(d.decode_device_s, p_dec)}",
+        note=f"sums: host {d.decode_host_s:.2f} s, wait {d.decode_wait_s:.2f} s, device {d.decode_device_s:.2f} s")
     add("gsp-steps", f"{label}: prefill and mixed steps: count, host / wait / device ms per step",
-        f"{n_other}: {per(d['host_s'] - d['decode_host_s'], n_other)} / "
-        f"{per(d['wait_s'] - d['decode_wait_s'], n_other)} / {per(dev_other, p_other)}",
-        note=f"sums: host {d['host_s'] - d['decode_host_s']:.2f} s, device {dev_other:.2f} s")
+        f"{n_other}: {per(host_other, n_other)} / {per(d.wait_s - d.decode_wait_s, n_other)} / "
+        f"{per(dev_other, p_other)}",
+        note=f"sums: host {host_other:.2f} s, device {dev_other:.2f} s")
 
 
 def warm_up(engine: Engine, like: list[BenchRequest]) -> None:
@@ -497,8 +514,7 @@ def sec_ttft(engine: Engine) -> None:
         engine.generate(prompt, params)
         wall = time.perf_counter() - t0
         engine.wait_idle()
-        after = engine.call_on_loop(loop.timing.snapshot)
-        return wall, after.device_s - before.device_s
+        return wall, engine.call_on_loop(loop.timing.snapshot).since(before).device_s
 
     runner.profile = True
     try:
@@ -526,26 +542,20 @@ def sec_ttft(engine: Engine) -> None:
 def sec_overhead(engine: Engine, quick: bool) -> None:
     """Requests decoding together: host time per decode step vs the step's device time, at batch
     64 (overlapped and synchronous loop) and 256 (overlapped)."""
-    runner, loop = engine._loop.runner, engine._loop
+    loop = engine._loop
     rng = random.Random(9)
     out_len = 128 if quick else 256
     results = {}
     for batch, overlap in ((64, True), (64, False), (256, True)):
         reqs = [BenchRequest(random_ids(rng, 512, *VOCAB_RANGE), out_len) for _ in range(batch)]
         engine.call_on_loop(lambda: setattr(loop, "overlap", overlap))
-        runner.profile = True
-        before = engine.call_on_loop(loop.timing.snapshot)
-        m = run_radixserve(engine, reqs, name=f"overhead-{batch}-{overlap}")
-        engine.wait_idle()
-        after = engine.call_on_loop(loop.timing.snapshot)
-        runner.profile = False
+        m, d = timed_run(engine, reqs, f"overhead-{batch}-{overlap}", events=True)
         engine.call_on_loop(lambda: setattr(loop, "overlap", True))
         _flush_tree(engine)
-        n = after.decode_steps - before.decode_steps
-        nd = after.profiled_decode_steps - before.profiled_decode_steps
-        host = (after.decode_host_s - before.decode_host_s) / max(n, 1)
-        wait = (after.decode_wait_s - before.decode_wait_s) / max(n, 1)
-        dev = (after.decode_device_s - before.decode_device_s) / max(nd, 1)
+        n = d.decode_steps
+        host = d.decode_host_s / max(n, 1)
+        wait = d.decode_wait_s / max(n, 1)
+        dev = d.decode_device_s / max(d.profiled_decode_steps, 1)
         wall = host + wait
         results[(batch, overlap)] = (host, wait, dev, wall)
         mode = "overlapped loop" if overlap else "synchronous loop"
@@ -574,7 +584,6 @@ def sec_random(engine: Engine, count: int) -> None:
     rng = random.Random(3)
     per_run = max(1, count // 6)
     tree = engine.scheduler.tree
-    loop = engine._loop
 
     def set_tree(value) -> None:  # noqa: ANN001
         s = engine.scheduler
@@ -589,16 +598,13 @@ def sec_random(engine: Engine, count: int) -> None:
     for label in ("on", "off", "off", "on", "on", "off"):
         reqs = [BenchRequest(random_ids(rng, 512, *VOCAB_RANGE), 256) for _ in range(per_run)]
         engine.call_on_loop(lambda v=(tree if label == "on" else None): set_tree(v))
-        before = engine.call_on_loop(loop.timing.snapshot)
-        m = run_radixserve(engine, reqs, name=f"random-{label}-{len(per_run_tps[label])}")
-        engine.wait_idle()
+        m, d = timed_run(engine, reqs, f"random-{label}-{len(per_run_tps[label])}")
         engine.check_integrity()
-        after = engine.call_on_loop(loop.timing.snapshot)
         t = totals[label]
         t[0] += m.output_tokens
         t[1] += m.wall_s
-        t[2] += after.decode_host_s - before.decode_host_s
-        t[3] += after.decode_steps - before.decode_steps
+        t[2] += d.decode_host_s
+        t[3] += d.decode_steps
         per_run_tps[label].append(m.output_tps)
     engine.call_on_loop(lambda: set_tree(tree))
     tps = {k: v[0] / v[1] for k, v in totals.items()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,33 +25,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu_bench import bench_ms, copy_bandwidth, decode_weight_bytes, kv_bytes_per_token  # noqa: E402
 from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows  # noqa: E402
 from radixserve.runtime.kv_cache import KVCache  # noqa: E402
 from radixserve.runtime.loader import ResolvedModel, load_model  # noqa: E402
 from radixserve.runtime.model_config import NAMED_SHAPES  # noqa: E402
 
 PAGE = 16
-
-
-def event_ms(fn, reps: int = 50) -> float:  # noqa: ANN001
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 28, device="cuda")
-    b = torch.empty_like(a)
-    ms = event_ms(lambda: b.copy_(a), reps=10)
-    return 2 * a.numel() * 4 / (ms / 1e3)
 
 
 def gsp_rows(batch: int, prefix: int, own: int, rng: random.Random, free: list[int]) -> tuple[DecodeRows, list]:
@@ -117,10 +96,8 @@ def main() -> int:
                           dummy_page=num_pages - 1, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                           cascade=True, sizes=batches)
     graphs.capture()
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    if cfg.tie_word_embeddings:  # the LM head reads the shared matrix in full
-        weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    weight_bytes = decode_weight_bytes(model)
+    kv_tok = kv_bytes_per_token(cfg)
     print(f"{args.model}: weights read per step {weight_bytes / 1e9:.2f} GB, copy {copy_bps / 1e12:.2f} TB/s")
     summary = []
     for bs in batches:
@@ -132,7 +109,7 @@ def main() -> int:
             with torch.inference_mode():
                 graphs.run(rows, groups if cascade else None)
                 graph = graphs._graphs[(bs, cascade)]
-                ms = event_ms(graph.replay)
+                ms = bench_ms(graph.replay, reps=50, warmup=5)
                 kernels = profile(graph.replay)
             seq = args.prefix + args.own
             kv_bytes = (len(groups) * args.prefix + bs * args.own) * kv_tok if cascade else bs * seq * kv_tok

@@ -29,6 +29,7 @@ k_new/v_new are given), fp32 matmuls with a bottom-right causal mask.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,6 +116,8 @@ def extend_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         out = _causal_attention_fp32(qi, k.transpose(0, 1), v.transpose(0, 1), prefix, sm_scale)
         o[s : s + e] = out.transpose(0, 1).to(q.dtype)
     return o
+
+
 # Query rows per chunk of the CPU path: bounds the [Hkv, group * rows, L] score tensor.
 _REFERENCE_Q_CHUNK = 512
 
@@ -312,12 +315,18 @@ def _default_config(head_dim: int, dtype: torch.dtype, interpreted: bool, query_
     return (128, 128, 8, 3) if query_tiles >= 4 * sm_count else (64, 64, 4, 3)
 
 
+@functools.lru_cache(maxsize=8)
+def _has_tma(device_index: int) -> bool:
+    """TMA (the bulk tensor copy engine) exists from compute capability 9 (Hopper) on."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def _tma_blocker(x: torch.Tensor, block_d: int, interpreted: bool) -> str | None:
     """Why k_new / v_new cannot be read with a TMA descriptor over its 2D view [T, Hkv * D], or None."""
     d = x.shape[2]
     if TensorDescriptor is None:
         return "this Triton has no triton.tools.tensor_descriptor"
-    if not interpreted and not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
+    if not interpreted and not (x.is_cuda and _has_tma(x.get_device())):
         return "TMA needs a GPU of compute capability >= 9"
     if d != block_d:
         return f"head_dim {d} is not a power of 2 >= 16 (a box would read the next head)"

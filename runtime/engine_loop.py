@@ -128,6 +128,10 @@ class LoopTiming:
     def snapshot(self) -> "LoopTiming":
         return LoopTiming(**{f.name: getattr(self, f.name) for f in fields(self)})
 
+    def since(self, before: "LoopTiming") -> "LoopTiming":
+        """What accrued between `before` (an earlier snapshot) and this one."""
+        return LoopTiming(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
+
 
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, limits: OutputLimits, *,

@@ -164,7 +164,8 @@ class ModelRunner:
 
     def _plan_cascade(self, seqs: list[ScheduledSeq]) -> CascadePlan | None:
         """A cascade plan when this is a decode batch whose requests share cached prefixes."""
-        if len(seqs) < 2 or any(s.num_new != 1 for s in seqs) or len({s.request.pages[0] for s in seqs}) == len(seqs):
+        decode = len(seqs) >= 2 and all(s.num_new == 1 for s in seqs)
+        if not decode or len({s.request.pages[0] for s in seqs}) == len(seqs):
             # Not a decode batch, or no two requests start on the same page (an O(n) check):
             # nothing to plan, and a request that was preempted and prefilled again in a step
             # like this one may hold new pages, so the planner's kept plan goes.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import statistics
 import sys
 import time
 from typing import Callable
@@ -72,8 +73,6 @@ def device_ms(fn: Callable[[], object], calls: int = 10, reps: int = 30) -> floa
     call cannot be captured."""
     if DEV != "cuda":
         return bench(fn)
-    import statistics
-
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -210,7 +209,8 @@ def bench_decode(copy_gbs: float, quick: bool) -> None:
 # ------------------------------------------------------------------ extend
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma) per head_dim, swept at T4096 with k_new/v_new
-# given (as the engine calls it); --quick takes the first 8. The current defaults come first.
+# given (as the engine calls it); --quick takes the first 8. The defaults for many query tiles
+# come first (kernels/extend_attention.py, `_default_config`).
 EXTEND_SWEEP = {
     64: [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 64, 4, 4, True), (128, 64, 8, 2, True),
          (64, 64, 4, 3, True), (64, 32, 4, 3, True), (128, 32, 8, 3, True), (128, 64, 8, 4, True),
@@ -269,21 +269,24 @@ def _sdpa_ms(t_q: int, t_k: int, h: int, d: int, dtype: torch.dtype) -> dict[str
     return out
 
 
-def bench_extend(quick: bool) -> None:
-    h, p = (32, 16) if not SMOKE else (2, 16)
-    lengths = [2048, 4096, 8192] if not SMOKE else [40]
-    dims = [64, 128] if not SMOKE else [32]
-    prefix_heavy = (4096, 512) if not SMOKE else (48, 8)  # (cached prefix, new tokens)
-    dtype = torch.bfloat16
-    # Correctness: a mixed batch (prefix hits, decode rows, a page-ragged prefill, a zero-length
-    # extend) in bf16 and fp32, new keys from the pages, from k_new by TMA (sm90+) and by pointers.
+def _tflops(ms: float, flops: float) -> str:
+    return f"{flops / ms / 1e9:.0f} TFLOP/s"
+
+
+def _vs_sdpa(sdpa: dict[str, float], ms: float, flops: float) -> str:
+    return "; ".join(f"{name} {_tflops(s, flops)}, ours {s / ms:.2f}x" for name, s in sdpa.items())
+
+
+def _extend_checks(dims: list[int], p: int) -> None:
+    """A mixed batch (prefix hits, decode rows, a page-ragged prefill, a zero-length extend) in
+    bf16 and fp32, new keys from the pages, from k_new by TMA (sm90+) and by pointers."""
     mseq, mext = ([1500, 700, 2048, 129, 1, 64, 900], [1500, 300, 2048, 1, 1, 63, 0]) if not SMOKE else \
         ([20, 9, 7], [20, 3, 0])
+    i32 = dict(dtype=torch.int32, device=DEV)
     for dt, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
         for d in dims:
             k, v, table = paged_kv(mseq, p, 8 if not SMOKE else 1, d, dt)
             q = torch.randn(sum(mext), (32 if not SMOKE else 2), d, device=DEV, dtype=dt)
-            i32 = dict(dtype=torch.int32, device=DEV)
             cu = torch.tensor([0] + list(torch.cumsum(torch.tensor(mext), 0).tolist()), **i32)
             args = (q, k, v, table, torch.tensor(mseq, **i32), torch.tensor(mext, **i32), cu, max(mext), d**-0.5)
             ref = K.extend_attention_reference(*args)
@@ -293,62 +296,79 @@ def bench_extend(quick: bool) -> None:
             check(f"{name}, k_new", K.extend_attention(*args, **new_kv), ref, tol)
             check(f"{name}, k_new pointers", extend_mod.extend_attention_impl(*args, **new_kv, use_tma=False), ref,
                   tol)
+
+
+def _extend_sweep(t: int, h: int, d: int, p: int, quick: bool) -> list[tuple[int, int, int, int, bool]]:
+    """Time the sweep's configs at `t` tokens; returns them fastest first (wrong or uncompilable
+    configs are reported and left out)."""
+    args, new_kv, flops = _extend_case(t, h, d, p, torch.bfloat16)
+    ref = K.extend_attention_reference(*args)
+    timed = []
+    for cfg in SMOKE_SWEEP if SMOKE else EXTEND_SWEEP[d][: 8 if quick else None]:
+        try:
+            fn = lambda cfg=cfg: extend_mod.extend_attention_impl(*args, **new_kv, **_cfg_kw(cfg))  # noqa: E731
+            err = rel_err(fn(), ref)
+            if err > 2e-2:
+                print(f"  extend d{d} {cfg} WRONG ({err:.2e})")
+                continue
+            timed.append((bench(fn), cfg))
+        except Exception as exc:  # a config that does not compile (shared memory) is skipped
+            print(f"  extend d{d} {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    timed.sort()
+    print(f"  extend d{d} T{t} sweep (BLOCK_M, BLOCK_N, warps, stages, tma), fastest first:")
+    for ms, cfg in timed:
+        print(f"    {str(cfg):<28} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+    return [cfg for _, cfg in timed]
+
+
+def _extend_at_length(t: int, h: int, d: int, p: int, top: list) -> None:
+    """Rows for one causal length: the default path with k_new (device time and wall time per
+    call), all paged, and the fastest of `top`, each beside cuDNN and FlashAttention SDPA."""
+    args, new_kv, flops = _extend_case(t, h, d, p, torch.bfloat16)
+    ms_new = device_ms(lambda: K.extend_attention(*args, **new_kv))
+    ms_wall = bench(lambda: K.extend_attention(*args, **new_kv))
+    ms_paged = device_ms(lambda: K.extend_attention(*args))
+    per_cfg = [(device_ms(lambda cfg=cfg: extend_mod.extend_attention_impl(*args, **new_kv, **_cfg_kw(cfg))), cfg)
+               for cfg in top]
+    print(f"  extend d{d} T{t} top configs: " + "; ".join(f"{c} {_tflops(ms, flops)}" for ms, c in per_cfg))
+    sdpa = _sdpa_ms(t, t, h, d, torch.bfloat16)
+    shape = f"T{t} causal {h}h P{p} bf16"
+    row(f"extend d{d} k_new (default cfg)", shape, _tflops(ms_new, flops), _vs_sdpa(sdpa, ms_new, flops))
+    row(f"extend d{d} k_new (default cfg), wall per call", shape, f"{ms_wall * 1e3:.0f} us",
+        f"device {ms_new * 1e3:.0f} us; the rest is the Python launcher")
+    row(f"extend d{d} all paged (default cfg)", shape, _tflops(ms_paged, flops), f"k_new {ms_paged / ms_new:.2f}x faster")
+    if per_cfg:
+        ms_best, cfg_best = min(per_cfg)
+        row(f"extend d{d} k_new best {cfg_best}", shape, _tflops(ms_best, flops), _vs_sdpa(sdpa, ms_best, flops))
+
+
+def _extend_prefix_heavy(prefix: int, t: int, h: int, d: int, p: int) -> None:
+    """Most keys from the pages: a long cached prompt and a short new turn."""
+    args, new_kv, flops = _extend_case(t, h, d, p, torch.bfloat16, prefix=prefix)
+    check(f"extend d{d} prefix {prefix} + {t} new, k_new", K.extend_attention(*args, **new_kv),
+          K.extend_attention_reference(*args), 2e-2)
+    ms_new = device_ms(lambda: K.extend_attention(*args, **new_kv))
+    ms_paged = device_ms(lambda: K.extend_attention(*args))
+    sdpa = _sdpa_ms(t, prefix + t, h, d, torch.bfloat16)
+    shape = f"{prefix} cached + {t} new, {h}h P{p} bf16"
+    row(f"extend d{d} prefix-heavy k_new", shape, _tflops(ms_new, flops), _vs_sdpa(sdpa, ms_new, flops))
+    row(f"extend d{d} prefix-heavy all paged", shape, _tflops(ms_paged, flops), f"k_new {ms_paged / ms_new:.2f}x faster")
+
+
+def bench_extend(quick: bool) -> None:
+    h, p = (32, 16) if not SMOKE else (2, 16)
+    lengths = [2048, 4096, 8192] if not SMOKE else [40]
+    dims = [64, 128] if not SMOKE else [32]
+    _extend_checks(dims, p)
     for d in dims:
         # Sweep at one length, then time the 5 fastest configs at every length.
-        t_tune = 4096 if not SMOKE else lengths[0]
-        args, new_kv, flops = _extend_case(t_tune, h, d, p, dtype)
-        ref = K.extend_attention_reference(*args)
-        configs = SMOKE_SWEEP if SMOKE else EXTEND_SWEEP[d][: 8 if quick else None]
-        timed = []
-        for cfg in configs:
-            try:
-                fn = lambda cfg=cfg: extend_mod.extend_attention_impl(*args, **new_kv, **_cfg_kw(cfg))  # noqa: E731
-                err = rel_err(fn(), ref)
-                if err > 2e-2:
-                    print(f"  extend d{d} {cfg} WRONG ({err:.2e})")
-                    continue
-                timed.append((bench(fn), cfg))
-            except Exception as exc:  # a config that does not compile (shared memory) is skipped
-                print(f"  extend d{d} {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
-        if not timed:
+        top = _extend_sweep(4096 if not SMOKE else lengths[0], h, d, p, quick)[:5]
+        if not top:
             row(f"extend d{d}", "", "no config ran", "")
             continue
-        timed.sort()
-        print(f"  extend d{d} T{t_tune} sweep (BLOCK_M, BLOCK_N, warps, stages, tma), fastest first:")
-        for ms, cfg in timed:
-            print(f"    {str(cfg):<28} {ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
-        top = [cfg for _, cfg in timed[:5]]
-        tf = lambda ms, flops: f"{flops / ms / 1e9:.0f} TFLOP/s"  # noqa: E731
         for t in lengths:
-            args, new_kv, flops = _extend_case(t, h, d, p, dtype)
-            ms_new = device_ms(lambda: K.extend_attention(*args, **new_kv))
-            ms_wall = bench(lambda: K.extend_attention(*args, **new_kv))
-            ms_paged = device_ms(lambda: K.extend_attention(*args))
-            per_cfg = [(device_ms(lambda cfg=cfg: extend_mod.extend_attention_impl(*args, **new_kv, **_cfg_kw(cfg))),
-                        cfg) for cfg in top]
-            print("  " + f"extend d{d} T{t} top configs: " + "; ".join(f"{c} {tf(ms, flops)}" for ms, c in per_cfg))
-            ms_best, cfg_best = min(per_cfg)
-            sdpa = _sdpa_ms(t, t, h, d, dtype)
-            vs = lambda ms: "; ".join(f"{n} {tf(s, flops)}, ours {s / ms:.2f}x" for n, s in sdpa.items())  # noqa: E731
-            shape = f"T{t} causal {h}h P{p} bf16"
-            row(f"extend d{d} k_new (default cfg)", shape, tf(ms_new, flops), vs(ms_new))
-            row(f"extend d{d} k_new (default cfg), wall per call", shape, f"{ms_wall * 1e3:.0f} us",
-                f"device {ms_new * 1e3:.0f} us; the rest is the Python launcher")
-            row(f"extend d{d} all paged (default cfg)", shape, tf(ms_paged, flops),
-                f"k_new {ms_paged / ms_new:.2f}x faster")
-            row(f"extend d{d} k_new best {cfg_best}", shape, tf(ms_best, flops), vs(ms_best))
-        # Prefix-heavy: most keys come from the pages (a long cached prompt, a short new turn).
-        prefix, t = prefix_heavy
-        args, new_kv, flops = _extend_case(t, h, d, p, dtype, prefix=prefix)
-        check(f"extend d{d} prefix {prefix} + {t} new, k_new", K.extend_attention(*args, **new_kv),
-              K.extend_attention_reference(*args), 2e-2)
-        ms_new = device_ms(lambda: K.extend_attention(*args, **new_kv))
-        ms_paged = device_ms(lambda: K.extend_attention(*args))
-        sdpa = _sdpa_ms(t, prefix + t, h, d, dtype)
-        shape = f"{prefix} cached + {t} new, {h}h P{p} bf16"
-        row(f"extend d{d} prefix-heavy k_new", shape, tf(ms_new, flops),
-            "; ".join(f"{n} {tf(s, flops)}, ours {s / ms_new:.2f}x" for n, s in sdpa.items()))
-        row(f"extend d{d} prefix-heavy all paged", shape, tf(ms_paged, flops), f"k_new {ms_paged / ms_new:.2f}x faster")
+            _extend_at_length(t, h, d, p, top)
+        _extend_prefix_heavy(*((4096, 512) if not SMOKE else (48, 8)), h, d, p)
 
 
 # ------------------------------------------------------------------ cascade (shared prefix)

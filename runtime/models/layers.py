@@ -254,6 +254,10 @@ class VocabParallelEmbedding(nn.Module):
         return self.parallel.all_reduce(out)
 
 
+# `torch.mm(..., out_dtype=)` (a 16-bit product written as fp32), in torch releases that have it.
+_MM_WRITES_FP32 = "dtype" in torch.ops.aten.mm.overloads()
+
+
 class ParallelLMHead(VocabParallelEmbedding, _PackableWeight):
     """The output projection hidden -> vocab logits, vocabulary-parallel like the embedding
     (with tp_size > 1 each rank computes its vocabulary range; the runner gathers them)."""
@@ -265,6 +269,6 @@ class ParallelLMHead(VocabParallelEmbedding, _PackableWeight):
         if self.parallel.tp_size != 1:
             raise NotImplementedError("vocab-parallel logits gather (tp_size > 1) is not wired up yet")
         w = self.weight
-        if w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and self.packed_weight is None:
+        if w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and _MM_WRITES_FP32:
             return torch.mm(hidden, w.t(), out_dtype=torch.float32)
         return self._matmul(hidden).float()
