@@ -86,18 +86,20 @@ class _PoolWatcher:
 
 
 def run_radixserve(engine: Engine, requests: list[BenchRequest], name: str = "radixserve") -> RunMetrics:
-    """Submit all requests at once; measure TTFT and inter-token latency from stream deltas."""
+    """Submit all requests at once; measure TTFT and inter-token latency from stream deltas.
+    A delta of n tokens (a decode burst, grammar fast-forward) after a gap g counts as n
+    inter-token gaps of g / n."""
     done = threading.Event()
     remaining = [len(requests)]
     lock = threading.Lock()
     starts: dict[str, float] = {}
-    stamps: dict[str, list[float]] = {}
+    stamps: dict[str, list[tuple[float, int]]] = {}
     cached: dict[str, int] = {}
     out_tokens = [0]
 
     def on_delta(delta: StreamDelta) -> None:
         now = time.perf_counter()
-        stamps.setdefault(delta.request_id, []).append(now)
+        stamps.setdefault(delta.request_id, []).append((now, len(delta.token_ids)))
         with lock:
             out_tokens[0] += len(delta.token_ids)
             if delta.finish_reason is not None:
@@ -120,8 +122,9 @@ def run_radixserve(engine: Engine, requests: list[BenchRequest], name: str = "ra
             )
         done.wait()
         wall = time.perf_counter() - t0
-    ttft = [stamps[rid][0] - starts[rid] for rid in starts]
-    itl = [b - a for rid in starts for a, b in zip(stamps[rid], stamps[rid][1:])]
+    ttft = [stamps[rid][0][0] - starts[rid] for rid in starts]
+    itl = [(b - a) / n for rid in starts for (a, _), (b, n) in zip(stamps[rid], stamps[rid][1:]) if n
+           for _ in range(n)]
     return RunMetrics(
         system=name,
         wall_s=wall,

@@ -29,6 +29,9 @@ class EngineConfig:
     each step would cost more than it saves); "fcfs" is arrival order.
     `constraints` are the limits and options every output constraint is compiled with
     (whitespace cap, optional JSON bounds, parser fuel; see ConstraintLimits).
+    `decode_burst` > 1 lets decode batches of at least `decode_burst_min_batch` requests run up
+    to that many decode steps per launch where CUDA graphs are on (runtime/scheduler.py): the
+    host schedules and folds once per burst, and streams receive that many tokens at a time.
     """
 
     model: str = "default"
@@ -51,6 +54,8 @@ class EngineConfig:
     overlap: bool | None = None  # None: on with CUDA (schedule step t+1 while step t runs)
     seed: int = 0
     stall_timeout_s: float = 120.0
+    decode_burst: int = 4
+    decode_burst_min_batch: int = 128
     constraints: ConstraintLimits = field(default_factory=ConstraintLimits)
 
     def __post_init__(self) -> None:
@@ -62,7 +67,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        for name in ("max_running", "max_waiting", "max_batch_tokens", "lpm_max_waiting"):
+        for name in ("max_running", "max_waiting", "max_batch_tokens", "lpm_max_waiting", "decode_burst",
+                     "decode_burst_min_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eviction_policy not in EVICTION_POLICIES:

@@ -12,7 +12,8 @@ One set of static input buffers serves every graph; the graph of bucket b reads 
 rows. Shared-prefix (cascade) decode batches have graphs of their own that read the cascade
 buffers as well:
 
-    i64 [5, max_bs]:  input_ids | positions | out_slots | carry dst | carry src
+    i64 [4 + max_steps, max_bs]:  input_ids | positions | out_slots | carry dst | carry src
+                                  | out_slots of burst steps 1 .. max_steps - 1
     i32 [4 * max_bs + 1]:  seq_lens | prefix_lens | suffix_lens | cu_groups (max_bs + 1)
     page_table [max_bs, max_pages]      (plain graphs)
     prefix_page_table [max_bs, max_pages], suffix_page_table [max_bs, max_pages]  (cascade graphs)
@@ -43,6 +44,11 @@ Invariants (what makes one capture valid for every later step):
 * "Carried" tokens: in the overlapped engine loop a decode row's input token may be the one
   sampled by the previous step, still on the device; `carry` names those rows and the
   previous step's token rows, and the replay gathers them on the device before running.
+* Decode bursts (`run(..., steps=k)` then `next_step` k - 1 times) replay the same graph k
+  times. The host uploads once: page tables covering all k new tokens and the write slot of
+  every step. Between replays the device advances the real rows' inputs (token = the one just
+  sampled, position + 1, seq_len + 1, suffix_len + 1, the next step's slot); padding rows stay
+  padding. A cascade plan holds for the whole burst: prefixes do not move as sequences grow.
 
 Without CUDA (or with `use_graphs=False`) `DecodeGraphs.run` runs the model eagerly on the same
 padded static buffers: the CPU tests check the padding rules that way.
@@ -76,8 +82,8 @@ __all__ = [
     "split_groups",
 ]
 
-# Rows of the i64 static buffer.
-_IDS, _POS, _SLOTS, _CARRY_DST, _CARRY_SRC = range(5)
+# Rows of the i64 static buffer; burst step k >= 1 writes to the slots in row _NEXT_SLOTS + k - 1.
+_IDS, _POS, _SLOTS, _CARRY_DST, _CARRY_SRC, _NEXT_SLOTS = range(6)
 
 
 def capture_batch_sizes(max_bs: int) -> tuple[int, ...]:
@@ -134,10 +140,12 @@ class DecodeRows:
 
 @dataclass(frozen=True)
 class HostDecodeInputs:
-    """The host side of one replay: what is copied into the static buffers.
+    """The host side of one replay (or burst of `steps` replays): what is copied into the
+    static buffers.
 
-    `i64` [5, max_bs] and `i32` [4 * max_bs + 1] are whole buffers (columns past the bucket are
-    zero and unread); the page tables cover only the rows and columns in use:
+    `i64` [4 + steps, max_bs] (the first rows of the static buffer) and `i32` [4 * max_bs + 1]
+    are whole rows (columns past the bucket are zero and unread); the page tables cover only
+    the rows and columns in use:
     `page_table` [bs, w] (plain) or `prefix_table` [groups, wp] and `suffix_table` [bs, ws]
     (cascade). `num_carry` rows of carry dst/src are valid.
     """
@@ -150,6 +158,7 @@ class HostDecodeInputs:
     prefix_table: np.ndarray | None
     suffix_table: np.ndarray | None
     num_carry: int
+    steps: int = 1
 
     @property
     def cascade(self) -> bool:
@@ -164,28 +173,29 @@ def build_host_inputs(
     page_size: int,
     dummy_slot: int,
     carry: Sequence[tuple[int, int]] = (),
+    steps: int = 1,
 ) -> HostDecodeInputs:
     """Pad one decode batch to `bucket` rows (see the module docstring for the padding rules).
 
     `groups` (cascade graphs only) are (start, end, prefix_pages) over rows, contiguous,
     covering every row, already cut to the graph's group cap (`split_groups`). `carry` lists
-    (row, source token row of the previous step). Pure: reads only its arguments.
+    (row, source token row of the previous step). `steps` > 1: a burst; each row's `pages`
+    must then hold its next `steps - 1` tokens too. Pure: reads only its arguments.
     """
     bs = len(rows)
     if not 1 <= bs <= bucket <= max_bs:
         raise ValueError(f"build_host_inputs: need 1 <= batch {bs} <= bucket {bucket} <= max_bs {max_bs}")
+    if steps < 1:
+        raise ValueError(f"build_host_inputs: steps must be positive, got {steps}")
     seq_lens = np.fromiter(rows.seq_lens, dtype=np.int64, count=bs)
     if (seq_lens < 1).any():
         raise ValueError("build_host_inputs: every decode row needs seq_len >= 1")
-    need = -(-seq_lens // page_size)
+    need = -(-(seq_lens + steps - 1) // page_size)  # pages up to the burst's last token
     positions = seq_lens - 1
-    last_pages = np.fromiter((p[k - 1] for p, k in zip(rows.pages, need.tolist())), dtype=np.int64, count=bs)
 
-    i64 = np.zeros((5, max_bs), dtype=np.int64)
+    i64 = np.zeros((4 + steps, max_bs), dtype=np.int64)
     i64[_IDS, :bs] = rows.token_ids
     i64[_POS, :bs] = positions
-    i64[_SLOTS, :bs] = last_pages * page_size + positions % page_size
-    i64[_SLOTS, bs:bucket] = dummy_slot
     for k, (dst, src) in enumerate(carry):
         i64[_CARRY_DST, k] = dst
         i64[_CARRY_SRC, k] = src
@@ -197,6 +207,7 @@ def build_host_inputs(
     page_table = prefix_table = suffix_table = None
     if groups is None:
         page_table = fill_rows(rows.pages, need, int(need.max()))
+        shared = np.zeros(bs, dtype=np.int64)
     else:
         if len(groups) > bucket:
             raise ValueError(f"build_host_inputs: {len(groups)} groups do not fit {bucket} group slots")
@@ -222,7 +233,28 @@ def build_host_inputs(
         prefix_table = fill_rows(heads, prefix_pages, int(prefix_pages.max()))
         suffix_table = fill_rows([p[s:] for p, s in zip(rows.pages, shared.tolist())], need - shared,
                                  int((need - shared).max()))
-    return HostDecodeInputs(bucket, bs, i64, i32, page_table, prefix_table, suffix_table, len(carry))
+    # Where each step writes its token's K/V: slot = page * P + offset, the page read from the
+    # row's own table (its suffix table past the shared pages in cascade batches).
+    own_table = page_table if groups is None else suffix_table
+    row_idx = np.arange(bs)
+    for k in range(steps):
+        pos = positions + k
+        row = _SLOTS if k == 0 else _NEXT_SLOTS + k - 1
+        pages = own_table[row_idx, pos // page_size - shared].astype(np.int64)
+        i64[row, :bs] = pages * page_size + pos % page_size
+        i64[row, bs:bucket] = dummy_slot
+    return HostDecodeInputs(bucket, bs, i64, i32, page_table, prefix_table, suffix_table, len(carry), steps)
+
+
+@dataclass
+class _Burst:
+    """The burst the last `run` started: its graph, real rows, and steps run after the first."""
+
+    bucket: int
+    batch_size: int
+    cascade: bool
+    steps: int
+    done: int = 0
 
 
 class DecodeGraphs:
@@ -245,7 +277,11 @@ class DecodeGraphs:
         cascade: bool = True,
         use_graphs: bool | None = None,
         sizes: Sequence[int] | None = None,
+        max_steps: int = 1,
     ) -> None:
+        """`max_steps`: the longest decode burst `run` will be asked for."""
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {max_steps}")
         if not 0 <= dummy_page < kv_cache.num_pages:
             raise ValueError(f"dummy_page {dummy_page} is not a page of the pool ({kv_cache.num_pages} pages)")
         self.model = model
@@ -262,8 +298,9 @@ class DecodeGraphs:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.max_pages = -(-max_model_len // self.page_size)
+        self.max_steps = max_steps
         dev, m = self.device, self.max_bs
-        self.i64 = torch.zeros(5, m, dtype=torch.int64, device=dev)
+        self.i64 = torch.zeros(4 + max_steps, m, dtype=torch.int64, device=dev)
         self.i64[_SLOTS].fill_(self.dummy_slot)
         self.i32 = torch.zeros(4 * m + 1, dtype=torch.int32, device=dev)
         self.page_table = torch.zeros(m, self.max_pages, dtype=torch.int32, device=dev)
@@ -276,6 +313,7 @@ class DecodeGraphs:
         self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self._pool = None
         self.replays = 0
+        self._burst: _Burst | None = None  # the burst `next_step` continues
 
     # ------------------------------------------------------------------ static batches
     def forward_batch(self, bucket: int, cascade: bool) -> ForwardBatch:
@@ -348,21 +386,25 @@ class DecodeGraphs:
         groups: Sequence[tuple[int, int, int]] | None,
         carry: Sequence[tuple[int, int]] = (),
         carry_tokens: torch.Tensor | None = None,
+        steps: int = 1,
     ) -> torch.Tensor:
         """Logits [len(rows), vocab] fp32 of one decode batch (rows in run order).
 
         `groups` is the cascade plan's groups over the rows (None: plain decode); `carry` lists
         (row, index into `carry_tokens`) for rows whose input token is still on the device.
+        `steps` > 1 starts a burst: `next_step` then runs its steps 2 .. `steps`.
         """
         bucket = self.bucket(len(rows))
         if bucket is None:
             raise ValueError(f"decode batch of {len(rows)} exceeds the largest graph ({self.max_bs})")
+        if not 1 <= steps <= self.max_steps:
+            raise ValueError(f"a burst of {steps} steps exceeds max_steps {self.max_steps}")
         cascade = groups is not None
         if cascade and not self.cascade:
             raise ValueError("cascade graphs were not captured")
         if cascade:
             groups = split_groups(groups, self.group_cap)
-        host = build_host_inputs(rows, groups, bucket, self.max_bs, self.page_size, self.dummy_slot, carry)
+        host = build_host_inputs(rows, groups, bucket, self.max_bs, self.page_size, self.dummy_slot, carry, steps)
         self._upload(host)
         if host.num_carry:
             if carry_tokens is None:
@@ -370,20 +412,40 @@ class DecodeGraphs:
             n = host.num_carry
             ids = self.i64[_IDS]
             ids.index_copy_(0, self.i64[_CARRY_DST, :n], carry_tokens.index_select(0, self.i64[_CARRY_SRC, :n]))
+        self._burst = _Burst(bucket, len(rows), cascade, steps)
+        return self._replay(bucket, cascade)[: len(rows)]
+
+    def next_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The next step of the burst `run` started: every real row adds `tokens[row]` (the
+        token the step before sampled for it, on the device). Logits as `run` returns them."""
+        burst = self._burst
+        if burst is None or burst.done + 1 > burst.steps - 1:
+            raise RuntimeError("next_step: no burst step left (run(..., steps=k) starts one)")
+        burst.done += 1
+        m, b, bs = self.max_bs, burst.bucket, burst.batch_size
+        if tokens.shape != (bs,):
+            raise ValueError(f"next_step: expected {bs} tokens, got shape {tuple(tokens.shape)}")
+        self.i64[_IDS, :bs].copy_(tokens)
+        self.i64[_POS, :bs] += 1
+        self.i64[_SLOTS, :b].copy_(self.i64[_NEXT_SLOTS + burst.done - 1, :b])
+        self.i32[:bs] += 1  # seq_lens
+        if burst.cascade:
+            self.i32[2 * m : 2 * m + bs] += 1  # suffix_lens
+        return self._replay(b, burst.cascade)[:bs]
+
+    def _replay(self, bucket: int, cascade: bool) -> torch.Tensor:
         key = (bucket, cascade)
         self.replays += 1
         if self.use_graphs:
             if key not in self._graphs:
                 raise RuntimeError(f"no graph captured for batch size {bucket} (cascade={cascade})")
             self._graphs[key].replay()
-            out = self._outputs[key]
-        else:
-            out = self.model(self.forward_batch(bucket, cascade), self.kv_cache)
-        return out[: len(rows)]
+            return self._outputs[key]
+        return self.model(self.forward_batch(bucket, cascade), self.kv_cache)
 
     def _upload(self, host: HostDecodeInputs) -> None:
         copy = _copier(self.device)
-        copy(self.i64, host.i64)
+        copy(self.i64[: host.i64.shape[0]], host.i64)
         copy(self.i32, host.i32)
         if host.page_table is not None:
             pairs = [(self.page_table, host.page_table)]

@@ -25,8 +25,10 @@ cleanly the window slides: prefix_offset <- read_offset, read_offset <- len(ids)
 
 Fast path (`TokenPieces`): for a byte-level BPE decoder (GPT-2, Llama 3, Qwen, SmolLM) the text
 of a token whose bytes are complete UTF-8 does not depend on its neighbours, so when nothing is
-held back a one-token push is that token's own text, looked up in a per-tokenizer table instead
-of decoded twice. The state it leaves is the one the slow path would (see `push`).
+held back a push of such tokens (one per step, or a decode burst's several) is their own texts
+joined, looked up in a per-tokenizer table instead of decoded twice. The state it leaves is the
+one the slow path would (see `push`). Ids past the tokenizer's vocabulary (a padded embedding,
+random weights) decode to nothing in any context: their piece is "".
 
 Known limit: a byte-fallback decoder turns a whole group of consecutive byte tokens into U+FFFD
 when any of them is invalid, which can rewrite text already emitted (an ASCII byte token followed
@@ -72,6 +74,7 @@ class TokenPieces:
         byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
         self._decode = decode if enabled and byte_level else None
         self._added = frozenset(backend.get_added_tokens_decoder()) if self._decode is not None else frozenset()
+        self._vocab_size = backend.get_vocab_size(with_added_tokens=True) if self._decode is not None else 0
         self._pieces: dict[int, str | None] = {}
 
     @property
@@ -87,7 +90,12 @@ class TokenPieces:
         piece = None
         if self._decode is not None and token_id not in self._added:
             text = self._decode([token_id], skip_special_tokens=False)
-            piece = text if text and _REPLACEMENT not in text else None
+            if text and _REPLACEMENT not in text:
+                piece = text
+            elif not text and token_id >= self._vocab_size:
+                # An id past the vocabulary (a model whose embedding is padded beyond its
+                # tokenizer, or random weights): the decoder drops it in any context.
+                piece = ""
         self._pieces[token_id] = piece
         return piece
 
@@ -145,10 +153,16 @@ class IncrementalDetokenizer:
         """Append generated tokens; return the text they completed (possibly "")."""
         if not token_ids:
             return ""
-        if self._clean and len(token_ids) == 1:
-            piece = self._pieces.get(token_ids[0])  # type: ignore[union-attr] - _clean implies a table
-            if piece is not None:
-                return self._push_piece(token_ids[0], piece)
+        if self._clean:
+            get = self._pieces.get  # type: ignore[union-attr] - _clean implies a table
+            if len(token_ids) == 1:
+                piece = get(token_ids[0])
+                if piece is not None:
+                    return self._push_pieces(token_ids, piece)
+            else:
+                pieces = [get(t) for t in token_ids]
+                if None not in pieces:
+                    return self._push_pieces(token_ids, "".join(pieces))  # type: ignore[arg-type]
         self._ids.extend(token_ids)
         new = self._decode(self._ids[self._prefix_offset :])[len(self._prefix_text) :]
         if not new:
@@ -171,15 +185,17 @@ class IncrementalDetokenizer:
             self._slide()
         return self._emit(delta, 0)
 
-    def _push_piece(self, token_id: int, piece: str) -> str:
-        """The fast path of `push` (nothing held back, a context-free token): the slow path
-        would decode window + [token_id], find `piece` past the window's text, emit it and
-        slide, leaving the window [token_id] with text `piece`. Do exactly that, undecoded."""
-        self._ids = [token_id]
-        self._read_offset = 1
-        self._prefix_text = piece
-        self._chunks.append(piece)
-        return piece
+    def _push_pieces(self, token_ids: Sequence[int], text: str) -> str:
+        """The fast path of `push` (nothing held back, context-free tokens whose pieces join
+        to `text`): the slow path would decode window + token_ids, find `text` past the
+        window's text, emit it and slide, leaving the window `token_ids` with text `text`.
+        Do exactly that, undecoded."""
+        self._ids = list(token_ids)
+        self._read_offset = len(self._ids)
+        self._prefix_text = text
+        if text:
+            self._chunks.append(text)
+        return text
 
     @property
     def _clean(self) -> bool:
@@ -268,6 +284,11 @@ class StopChecker:
     def matched(self) -> str | None:
         """The stop string that ended the stream, or None."""
         return self._matched
+
+    @property
+    def watching(self) -> bool:
+        """There are stop strings and none matched yet."""
+        return bool(self._stops) and self._matched is None
 
     @property
     def held(self) -> str:

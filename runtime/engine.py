@@ -25,7 +25,7 @@ from radixserve.runtime.config import EngineConfig
 from radixserve.runtime.constraints import ConstraintCompiler
 from radixserve.runtime.cpu_malloc import keep_tensor_buffers_in_heap
 from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces
-from radixserve.runtime.engine_loop import Abort, AddRequests, Call, EngineLoop
+from radixserve.runtime.engine_loop import Abort, AddRequests, BurstPolicy, Call, EngineLoop
 from radixserve.runtime.errors import EngineDead, PromptTooLong, QueueFull
 from radixserve.runtime.kv_cache import KVCache
 from radixserve.runtime.loader import load_model, resolve_model
@@ -134,13 +134,14 @@ class Engine:
                 max_bs=min(config.max_running, config.max_batch_tokens, MAX_GRAPH_BATCH),
                 max_model_len=self.max_model_len, dummy_page=num_pages,
                 num_heads=resolved.config.num_heads, num_kv_heads=resolved.config.num_kv_heads,
+                max_steps=config.decode_burst,
             )
         self.cuda_graphs = bool(cuda_graphs)
         self.overlap = on_cuda if config.overlap is None else config.overlap
-        self.scheduler = Scheduler(config, num_pages)
+        self.scheduler = Scheduler(config, num_pages, self.max_model_len)
         self._loop = EngineLoop(
             self.scheduler, runner, OutputLimits(frozenset(self.eos_token_ids), self.max_model_len),
-            overlap=self.overlap,
+            overlap=self.overlap, burst=BurstPolicy(config.decode_burst, config.decode_burst_min_batch),
         )
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop.run_forever, name="radixserve-engine", daemon=True)

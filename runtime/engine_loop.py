@@ -20,6 +20,10 @@ With `overlap` (the default on CUDA) the host prepares step t+1 while the device
     4. step t+1's computed counts are advanced (and finished prefill chunks cached) only now,
        after step t's real tokens replaced the placeholders
 
+Decode bursts (runtime/scheduler.py) run k decode steps in one launch where the host, not the
+device, bounds a large decode batch: one schedule, one launch and one fold per k tokens of
+every request. With overlap a burst in flight leaves k placeholders per request.
+
 A request that step t finishes (stop token, stop string, length) has a wasted row in step
 t+1, whose result is dropped; its pages are released at once, which is safe because any later
 use of them is stream-ordered after step t+1. Requests whose next step depends on the host
@@ -43,10 +47,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, fields
 from concurrent.futures import Future
+from itertools import repeat
 from typing import Any, Callable, Union
 
 from radixserve.runtime.model_runner import Carry, ModelRunner, PendingStep, StepOutput
-from radixserve.runtime.output_processor import OutputLimits, final_delta, process_sampled_token
+from radixserve.runtime.output_processor import (
+    OutputLimits,
+    final_delta,
+    process_sampled_burst,
+    process_sampled_token,
+)
 from radixserve.runtime.outputs import FinishReason, StreamDelta
 from radixserve.runtime.request import Request, RequestStatus
 from radixserve.runtime.scheduler import ScheduledBatch, Scheduler
@@ -133,13 +143,24 @@ class LoopTiming:
         return LoopTiming(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
 
 
+@dataclass(frozen=True)
+class BurstPolicy:
+    """When decode steps run in bursts: up to `max_steps` per launch, for decode batches of at
+    least `min_batch` requests (below that the device, not the host, bounds a step, and a
+    burst would only delay the stream), and only where a CUDA graph holds the batch."""
+
+    max_steps: int = 1
+    min_batch: int = 1
+
+
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, limits: OutputLimits, *,
-                 overlap: bool = False) -> None:
+                 overlap: bool = False, burst: BurstPolicy = BurstPolicy()) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.limits = limits
         self.overlap = overlap
+        self.burst = burst
         self.timing = LoopTiming()
         self._inflight: PendingStep | None = None
         self.inbox = Inbox()
@@ -197,7 +218,7 @@ class EngineLoop:
 
     def _step_sync(self) -> tuple[ScheduledBatch | None, float]:
         """Schedule, launch, wait, fold: the device idles while the host works."""
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self._max_burst())
         if not batch.seqs:
             self._idle_wait()
             return None, 0.0
@@ -222,7 +243,7 @@ class EngineLoop:
         pending: PendingStep | None = None
         failure: Exception | None = None
         try:
-            batch = self.scheduler.schedule()
+            batch = self.scheduler.schedule(self._max_burst())
             if batch.seqs:
                 carry = Carry(prev, frozenset(map(id, placeholders))) if placeholders else None
                 try:
@@ -231,7 +252,8 @@ class EngineLoop:
                     failure = exc
         finally:
             for req in placeholders:
-                req.output_ids.pop()
+                del req.output_ids[-req.placeholders :]
+                req.placeholders = 0
         if failure is not None:
             if prev is None and len(batch) > 1:
                 self._run_in_halves(batch, failure)  # nothing in flight: narrow the failure down
@@ -260,14 +282,24 @@ class EngineLoop:
                 return False
         return True
 
+    def _max_burst(self) -> int:
+        """The longest decode burst this step may run (1: none; see BurstPolicy)."""
+        policy, graphs = self.burst, self.runner.graphs
+        if policy.max_steps < 2 or graphs is None:
+            return 1
+        return policy.max_steps if policy.min_batch <= len(self.scheduler.running) <= graphs.max_bs else 1
+
     @staticmethod
     def _add_placeholders(pending: PendingStep) -> list[Request]:
-        """Append a stand-in for the token each still-live request samples in `pending`."""
+        """Append stand-ins for the tokens each still-live request samples in `pending`."""
         out = []
+        n = pending.batch.burst
+        stand_ins = [0] * n
         for seq in pending.batch.seqs:
             req = seq.request
             if seq.sample and not req.is_finished and id(req) in pending.sample_row:
-                req.output_ids.append(0)
+                req.output_ids.extend(stand_ins)
+                req.placeholders = n
                 out.append(req)
         return out
 
@@ -348,7 +380,9 @@ class EngineLoop:
         counters = self.scheduler.counters
         limits = self.limits
         finished = RequestStatus.FINISHED
-        for seq, token_id, logprob, prompt_lps in zip(batch.seqs, out.token_ids, out.logprobs, out.prompt_logprobs):
+        bursts = out.bursts if out.bursts is not None else repeat(None)
+        for seq, token_id, logprob, prompt_lps, burst in zip(batch.seqs, out.token_ids, out.logprobs,
+                                                             out.prompt_logprobs, bursts):
             req = seq.request
             if req.status is finished:
                 continue
@@ -362,7 +396,10 @@ class EngineLoop:
                     continue
                 if req.first_token_at is None:
                     req.first_token_at = time.monotonic()
-                delta = process_sampled_token(req, token_id, logprob, limits)
+                if burst is None:
+                    delta = process_sampled_token(req, token_id, logprob, limits)
+                else:
+                    delta = process_sampled_burst(req, list(burst), limits)
                 counters.generation_tokens += len(delta.token_ids)
                 if delta.finish_reason is not None:
                     self._release(req)

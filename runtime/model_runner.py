@@ -5,7 +5,8 @@
         a decode batch whose requests share cached prefixes is reordered into groups and
         runs shared-prefix (cascade) attention; results are put back in batch order
         a decode batch (one new token and one logits row per request) replays a CUDA graph
-        captured at start-up (runtime/cuda_graphs.py) instead of launching kernels
+        captured at start-up (runtime/cuda_graphs.py) instead of launching kernels; a decode
+        burst replays it k times, each step's sampled tokens fed to the next on the device
         last row of a sampling request -> mask (grammar) -> sampler -> next token
         other rows -> prompt log-probabilities of the tokens they predict
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,16 +40,21 @@ from radixserve.runtime.outputs import TokenLogprob
 from radixserve.runtime.sampler import SampleOutput, Sampler, SamplingBatch, prompt_logprobs
 from radixserve.runtime.scheduler import ScheduledBatch, ScheduledSeq
 
+# Mixed steps with at least this many decode rows replay a graph for them (ModelRunner._split_mixed).
+MIN_SPLIT_DECODE_ROWS = 32
+
 
 @dataclass(frozen=True)
 class StepOutput:
     """Per scheduled seq (same order as the batch): the sampled token (None when the seq did
     not sample), its log-probability entry (None unless asked), and prompt log-probabilities
-    of the rows before it (empty unless asked)."""
+    of the rows before it (empty unless asked). After a decode burst `bursts[i]` holds every
+    token the burst sampled for seq i, in order (`token_ids[i]` is the first); else None."""
 
     token_ids: list[int | None]
     logprobs: list[TokenLogprob | None]
     prompt_logprobs: list[list[TokenLogprob]]
+    bursts: list[tuple[int, ...] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ class Carry:
 class PendingStep:
     """A launched step. `result()` waits for its one readback and returns the StepOutput in
     batch order; it may be called once. `sample_row` maps id(request) to the row of
-    `device_token_ids` that holds the token sampled for it (the rows of a carry)."""
+    `device_token_ids` that holds the token sampled for it (the rows of a carry): after a
+    burst, the token its last step sampled; `host` then holds all of them, [burst, rows]."""
 
     batch: ScheduledBatch
     order: list[int] | None  # run row j is batch index order[j] (cascade plans reorder)
@@ -81,11 +88,13 @@ class PendingStep:
     # (known after `result`; includes any gap the host left between the step's kernels).
     start_event: "torch.cuda.Event | None" = None
     device_s: float | None = None
+    burst: int = 1
 
     def result(self) -> StepOutput:
         n = len(self.batch.seqs)
         token_ids: list[int | None] = [None] * n
         logprobs: list[TokenLogprob | None] = [None] * n
+        bursts: list[tuple[int, ...] | None] | None = None
         if self.host is not None:
             if self.event is not None:
                 t0 = time.perf_counter()
@@ -94,20 +103,29 @@ class PendingStep:
                 if self.start_event is not None:
                     self.device_s = self.start_event.elapsed_time(self.event) / 1e3
             sampled = self.host.to_host()  # host tensors only: no device access
-            for j, i in enumerate(self.sample_idx):
-                token_ids[i] = sampled.token_ids[j]
-                if sampled.logprobs is not None:
-                    logprobs[i] = sampled.logprobs[j]
+            if self.burst > 1:  # [burst][rows] -> per row; every row of a burst samples
+                bursts = list(zip(*sampled.token_ids))
+                token_ids = [b[0] for b in bursts]
+            else:
+                for j, i in enumerate(self.sample_idx):
+                    token_ids[i] = sampled.token_ids[j]
+                    if sampled.logprobs is not None:
+                        logprobs[i] = sampled.logprobs[j]
         prompt_lps = self.prompt_lps
         if self.order is None:
-            return StepOutput(token_ids, logprobs, prompt_lps)
+            return StepOutput(token_ids, logprobs, prompt_lps, bursts)
         # Undo the plan's order: run row j belongs to batch index order[j].
         out_t: list[int | None] = [None] * n
         out_l: list[TokenLogprob | None] = [None] * n
         out_p: list[list[TokenLogprob]] = [[] for _ in range(n)]
         for j, i in enumerate(self.order):
             out_t[i], out_l[i], out_p[i] = token_ids[j], logprobs[j], prompt_lps[j]
-        return StepOutput(out_t, out_l, out_p)
+        out_b: list[tuple[int, ...] | None] | None = None
+        if bursts is not None:
+            out_b = [None] * n
+            for j, i in enumerate(self.order):
+                out_b[i] = bursts[j]
+        return StepOutput(out_t, out_l, out_p, out_b)
 
 
 class ModelRunner:
@@ -128,18 +146,21 @@ class ModelRunner:
         self.sampler = Sampler(seed=seed)
         self.cascade_steps = 0  # decode steps that ran shared-prefix attention (metrics)
         self.graph_steps = 0  # steps that replayed a CUDA graph (metrics)
+        self.burst_launches = 0  # launches that ran a decode burst (metrics)
+        self.split_steps = 0  # mixed steps whose decode rows replayed a graph (metrics)
         self.graphs: DecodeGraphs | None = None
         # Benchmarks: time each step's device work with CUDA events (PendingStep.device_s).
         self.profile = False
         self._cascade_planner = CascadePlanner(self.page_size)
 
     def enable_cuda_graphs(self, *, max_bs: int, max_model_len: int, dummy_page: int, num_heads: int,
-                           num_kv_heads: int, use_graphs: bool | None = None) -> DecodeGraphs:
-        """Capture decode graphs for batch sizes up to `max_bs` (see runtime/cuda_graphs.py).
-        `dummy_page` must be a page of the KV pool that the allocator never hands out."""
+                           num_kv_heads: int, use_graphs: bool | None = None, max_steps: int = 1) -> DecodeGraphs:
+        """Capture decode graphs for batch sizes up to `max_bs` (see runtime/cuda_graphs.py),
+        for decode bursts of up to `max_steps`. `dummy_page` must be a page of the KV pool
+        that the allocator never hands out."""
         graphs = DecodeGraphs(
             self.model, self.kv_cache, max_bs=max_bs, max_model_len=max_model_len, dummy_page=dummy_page,
-            num_heads=num_heads, num_kv_heads=num_kv_heads, use_graphs=use_graphs,
+            num_heads=num_heads, num_kv_heads=num_kv_heads, use_graphs=use_graphs, max_steps=max_steps,
         )
         graphs.capture()
         self.graphs = graphs
@@ -153,14 +174,39 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch, carry: Carry | None = None) -> PendingStep:
         """Enqueue one step (forward, masks, sampling, readback) and return without waiting."""
         seqs = list(batch.seqs)
-        plan = self._plan_cascade(seqs)
+        split = None if batch.all_decode else self._split_mixed(seqs)
+        if split is None:
+            plan = self._plan_cascade(seqs)
+            order = plan.order if plan is not None else None
+            num_graph_rows = 0
+        else:
+            decode_idx, other_idx = split
+            plan = self._plan_cascade([seqs[i] for i in decode_idx])
+            order = ([decode_idx[i] for i in plan.order] if plan is not None else decode_idx) + other_idx
+            num_graph_rows = len(decode_idx)
+            self.split_steps += 1
         if plan is not None:
             self.cascade_steps += 1
-            seqs = [seqs[i] for i in plan.order]
-        pending = self._launch(seqs, plan, carry)
+        if order is not None:
+            seqs = [seqs[i] for i in order]
+        pending = self._launch(seqs, plan, carry, batch.burst, num_graph_rows)
         pending.batch = batch
-        pending.order = plan.order if plan is not None else None
+        pending.order = order
         return pending
+
+    def _split_mixed(self, seqs: list[ScheduledSeq]) -> tuple[list[int], list[int]] | None:
+        """(decode rows, other rows) of a mixed step whose decode rows should replay a graph
+        while the prefill rows run eagerly (None: run it as one). Decode rows inside the extend
+        kernel cost one pass over their whole KV per query head, without the decode kernel's
+        split-KV or cascade; past MIN_SPLIT_DECODE_ROWS of them a graph replay (one more read
+        of the weights) costs less."""
+        if self.graphs is None:
+            return None
+        decode_idx = [i for i, s in enumerate(seqs) if s.num_new == 1 and s.logits_from == 0 and s.sample]
+        if len(decode_idx) < MIN_SPLIT_DECODE_ROWS or self.graphs.bucket(len(decode_idx)) is None:
+            return None
+        taken = set(decode_idx)
+        return decode_idx, [i for i in range(len(seqs)) if i not in taken]
 
     def _plan_cascade(self, seqs: list[ScheduledSeq]) -> CascadePlan | None:
         """A cascade plan when this is a decode batch whose requests share cached prefixes."""
@@ -185,9 +231,12 @@ class ModelRunner:
             and self.graphs.bucket(len(seqs)) is not None
         )
 
-    def _forward(self, seqs: list[ScheduledSeq], plan: CascadePlan | None,
-                 carry: Carry | None) -> tuple[torch.Tensor, list[int], bool]:
-        """(logits rows, row_start, replayed a graph): seq i owns rows row_start[i]..row_start[i+1]-1."""
+    def _forward(self, seqs: list[ScheduledSeq], plan: CascadePlan | None, carry: Carry | None,
+                 burst: int, num_graph_rows: int = 0) -> tuple[torch.Tensor, list[int], bool]:
+        """(logits rows, row_start, replayed a graph): seq i owns rows row_start[i]..row_start[i+1]-1.
+        With `burst` > 1 the graphs hold the burst's inputs; `graphs.next_step` runs the rest.
+        `num_graph_rows` > 0: a split mixed step; its first rows (decode, covered by `plan`)
+        replay a graph, the rest run eagerly, and the logits are joined in that order."""
         # Rows whose last new token is a placeholder for a token still on the device.
         carried: list[tuple[int, int]] = []  # (seq index, row of carry.previous.device_token_ids)
         if carry is not None:
@@ -198,16 +247,33 @@ class ModelRunner:
                     carried.append((i, rows_of[rid]))
         carry_tokens = carry.previous.device_token_ids if carried else None
 
+        if num_graph_rows:
+            n = num_graph_rows
+            head = self._forward_graph(seqs[:n], plan, [c for c in carried if c[0] < n], carry_tokens, 1)
+            tail, tail_rows = self._forward_eager(seqs[n:], None, [(i - n, j) for i, j in carried if i >= n],
+                                                  carry_tokens)
+            return torch.cat([head, tail]), list(range(n)) + [n + r for r in tail_rows], True
         if self._use_graph(seqs, plan):
-            assert self.graphs is not None
-            rows = DecodeRows(
-                token_ids=[s.request.token_at(s.start) for s in seqs],
-                seq_lens=[s.end for s in seqs],
-                pages=[s.request.pages for s in seqs],
-            )
-            logits = self.graphs.run(rows, plan.groups if plan is not None else None, carried, carry_tokens)
-            return logits, list(range(len(seqs) + 1)), True
+            return self._forward_graph(seqs, plan, carried, carry_tokens, burst), list(range(len(seqs) + 1)), True
+        if burst > 1:
+            raise ValueError(f"a decode burst of {len(seqs)} rows needs a CUDA graph that holds them")
+        logits, row_start = self._forward_eager(seqs, plan, carried, carry_tokens)
+        return logits, row_start, False
 
+    def _forward_graph(self, seqs: list[ScheduledSeq], plan: CascadePlan | None, carried: list[tuple[int, int]],
+                       carry_tokens: torch.Tensor | None, burst: int) -> torch.Tensor:
+        """Logits of decode rows, one per seq, by a graph replay (the first of a burst)."""
+        assert self.graphs is not None
+        rows = DecodeRows(
+            token_ids=[s.request.token_at(s.start) for s in seqs],
+            seq_lens=[s.end for s in seqs],
+            pages=[s.request.pages for s in seqs],
+        )
+        return self.graphs.run(rows, plan.groups if plan is not None else None, carried, carry_tokens, steps=burst)
+
+    def _forward_eager(self, seqs: list[ScheduledSeq], plan: CascadePlan | None, carried: list[tuple[int, int]],
+                       carry_tokens: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """(logits rows, row_start) of any batch, by launching the model's kernels."""
         steps = [
             SeqStep(
                 token_ids=s.request.tokens(s.start, s.end),
@@ -234,7 +300,7 @@ class ModelRunner:
         row_start = [0]
         for s in seqs:
             row_start.append(row_start[-1] + (s.num_new - s.logits_from))
-        return logits, row_start, False
+        return logits, row_start
 
     def _index(self, values: Sequence[int]) -> torch.Tensor:
         """An int64 index tensor on the device without a synchronizing copy."""
@@ -243,14 +309,15 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _launch(self, seqs: list[ScheduledSeq], plan: CascadePlan | None, carry: Carry | None) -> PendingStep:
+    def _launch(self, seqs: list[ScheduledSeq], plan: CascadePlan | None, carry: Carry | None,
+                burst: int = 1, num_graph_rows: int = 0) -> PendingStep:
         start_event = None
         if self.profile and self.device.type == "cuda":
             start_event = torch.cuda.Event(enable_timing=True)
             start_event.record()
-        logits, row_start, graph = self._forward(seqs, plan, carry)
+        logits, row_start, graph = self._forward(seqs, plan, carry, burst, num_graph_rows)
         if graph:
-            self.graph_steps += 1
+            self.graph_steps += burst
         sample_idx = [i for i, s in enumerate(seqs) if s.sample and s.request.params.max_tokens > 0]
         sample_rows = [row_start[i + 1] - 1 for i in sample_idx]
 
@@ -268,20 +335,19 @@ class ModelRunner:
                 for j in mask_rows:
                     reqs[j].matcher.fill_bitmask(bitmask, j)
                 apply_bitmask(sample_logits, bitmask, mask_rows)
-            penalized = any(r.params.uses_penalties for r in reqs)
-            if not penalized and all(r.params.greedy and r.params.logprobs is None for r in reqs):
-                # Plain greedy rows (the benchmarks' case): what Sampler.sample computes for them,
-                # without building and uploading five per-row setting tensors every step.
-                out = SampleOutput(sample_logits.argmax(dim=-1), num_logprobs=(None,) * len(reqs))
-            else:
-                sampling = SamplingBatch.build(
-                    [r.params for r in reqs],
-                    output_token_ids=[r.output_ids for r in reqs] if penalized else None,
-                    prompt_token_ids=[r.prompt_ids for r in reqs] if penalized else None,
-                    generators=[r.generator for r in reqs],
-                )
-                out = self.sampler.sample(sample_logits, sampling)
+            draw = self._sampling(reqs)
+            out = draw(sample_logits)
             device_tokens = out.token_ids
+            if burst > 1:
+                self.burst_launches += 1
+                if len(reqs) != len(seqs):
+                    raise ValueError("every row of a decode burst samples")
+                assert self.graphs is not None  # _forward replayed a graph
+                tokens = [out.token_ids]
+                for _ in range(burst - 1):
+                    tokens.append(draw(self.graphs.next_step(tokens[-1])).token_ids)
+                device_tokens = tokens[-1]
+                out = SampleOutput(torch.stack(tokens))  # [burst, rows]: one readback
             host, event = self._read_back(out, timed=start_event is not None)
             sample_row = {id(r): j for j, r in enumerate(reqs)}
 
@@ -303,7 +369,24 @@ class ModelRunner:
                     req.params.prompt_logprobs,
                 )
         return PendingStep(ScheduledBatch(()), None, sample_idx, device_tokens, host, event, prompt_lps,
-                           sample_row, graph, start_event=start_event if event is not None else None)
+                           sample_row, graph, start_event=start_event if event is not None else None, burst=burst)
+
+    def _sampling(self, reqs: list) -> Callable[[torch.Tensor], SampleOutput]:  # list[Request]
+        """The step's sampling, as a function of the logits rows of `reqs` (a burst calls it
+        once per step; seeded generators advance one draw per call, as in separate steps)."""
+        penalized = any(r.params.uses_penalties for r in reqs)
+        if not penalized and all(r.params.greedy and r.params.logprobs is None for r in reqs):
+            # Plain greedy rows (the benchmarks' case): what Sampler.sample computes for them,
+            # without building and uploading five per-row setting tensors every step.
+            no_logprobs = (None,) * len(reqs)
+            return lambda logits: SampleOutput(logits.argmax(dim=-1), num_logprobs=no_logprobs)
+        sampling = SamplingBatch.build(
+            [r.params for r in reqs],
+            output_token_ids=[r.output_ids for r in reqs] if penalized else None,
+            prompt_token_ids=[r.prompt_ids for r in reqs] if penalized else None,
+            generators=[r.generator for r in reqs],
+        )
+        return lambda logits: self.sampler.sample(logits, sampling)
 
     def _read_back(self, out: SampleOutput, timed: bool = False) -> tuple[SampleOutput, "torch.cuda.Event | None"]:
         """Start the step's device-to-host copies (into pinned memory) and mark their end."""

@@ -10,6 +10,10 @@ matters and is the same for every request:
 Stop tokens never reach the text; a matched stop string is cut from it (unless the request
 asked to include it); text held back by the stop checker is flushed when the request ends.
 
+A decode burst (several decode steps launched at once, runtime/scheduler.py) hands over all
+the tokens it sampled for a request in one call, `process_sampled_burst`: one delta for them,
+cut at the first token that ends the request, so the result is what one-token steps give.
+
 A grammar matcher that is in error (llguidance hit a resource limit while computing the mask or
 consuming a token: the mask then allows only EOS) ends the request with finish_reason "error"
 and the matcher's message, never as a normal "stop" on that EOS.
@@ -42,42 +46,75 @@ def process_sampled_token(
     each attribute once, builds log-probability lists only when they were asked for, and
     clips to the token budget only when a grammar forced extra tokens (cost measured by
     benchmarks/host_overhead.py)."""
+    return _process(req, [token_id], logprob, limits, ended_at=None)
+
+
+def process_sampled_burst(req: Request, token_ids: list[int], limits: OutputLimits) -> StreamDelta:
+    """`process_sampled_token` for the tokens one decode burst sampled for `req`, in order
+    (runtime/scheduler.py: requests in a burst have no grammar, penalties or log-probabilities).
+
+    The burst ran past any token that ends the request: the first stop token or EOS ends it
+    there (that token kept in the ids, not in the text, as one step would), a stop string
+    ends it at the token that completes it, and the tokens after are dropped, as if the
+    request had decoded one token per step."""
+    stop_ids = req.params.stop_token_ids
+    eos = frozenset() if req.params.ignore_eos else limits.eos_token_ids
+    ended_at = None
+    for k, t in enumerate(token_ids):
+        if t in stop_ids or t in eos:
+            ended_at = k
+            del token_ids[k + 1 :]
+            break
+    return _process(req, token_ids, None, limits, ended_at=ended_at)
+
+
+def _process(
+    req: Request, new_ids: list[int], logprob: TokenLogprob | None, limits: OutputLimits, ended_at: int | None
+) -> StreamDelta:
+    """Fold `new_ids` (one sampled token, or a burst's, cut after a token that ends the
+    request: `ended_at` is its index) into `req` and build the delta."""
     params = req.params
     matcher = req.matcher
     if matcher is not None and matcher.is_error():
         # Went into error while filling this step's mask: the token (EOS, the only one the
         # mask allowed) is not output.
         return final_delta(req, "error", grammar_error_message(matcher))
-    new_ids = [token_id]
     # None when the request asked for no log-probabilities: nothing is built for them.
     new_logprobs = None if req.logprobs is None else ([logprob] if logprob is not None else [])
     finish: FinishReason | None = None
     stop_reason: str | int | None = None
 
-    ended_by_token = False
-    if token_id in params.stop_token_ids:
-        finish, stop_reason, ended_by_token = "stop", token_id, True
-    elif token_id in limits.eos_token_ids and not params.ignore_eos:
-        finish, ended_by_token = "stop", True
-    elif matcher is not None:
-        finish, error = _advance_grammar(req, new_ids, new_logprobs)
-        if finish == "error":
-            return final_delta(req, "error", error)
+    if len(new_ids) == 1:
+        token_id = new_ids[0]
+        if token_id in params.stop_token_ids:
+            finish, stop_reason, ended_at = "stop", token_id, 0
+        elif token_id in limits.eos_token_ids and not params.ignore_eos:
+            finish, ended_at = "stop", 0
+        elif matcher is not None:
+            finish, error = _advance_grammar(req, new_ids, new_logprobs)
+            if finish == "error":
+                return final_delta(req, "error", error)
+    elif ended_at is not None:  # a burst that reached a stop token or EOS
+        last = new_ids[ended_at]
+        finish, stop_reason = "stop", (last if last in params.stop_token_ids else None)
 
     output_ids = req.output_ids
-    if len(new_ids) > 1:  # forced tokens never overrun max_tokens or the context
+    if len(new_ids) > 1:  # forced tokens or a burst never overrun max_tokens or the context
         budget = min(params.max_tokens - len(output_ids), limits.max_model_len - req.num_tokens)
         del new_ids[max(budget, 1) :]
         if new_logprobs is not None:
             del new_logprobs[len(new_ids) :]
+        if ended_at is not None and ended_at >= len(new_ids):
+            finish, stop_reason, ended_at = None, None, None  # the stop token was cut by the budget
+
+    # A stop token or EOS ends the text without appearing in it.
+    text_ids = new_ids if ended_at is None else new_ids[:ended_at]
+    text, matched = _text_of(req, text_ids, new_ids)
+    if matched is not None:
+        finish, stop_reason = "stop", matched
     output_ids.extend(new_ids)
     if new_logprobs is not None:
         req.logprobs.extend(new_logprobs)
-
-    # A stop token or EOS ends the text without appearing in it.
-    text, matched = ("", None) if ended_by_token else req.stop_checker.feed(req.detokenizer.push(new_ids))
-    if matched is not None:
-        finish, stop_reason = "stop", matched
     num_prompt = len(req.prompt_ids)
     if finish is None and (
         len(output_ids) >= params.max_tokens or num_prompt + len(output_ids) >= limits.max_model_len
@@ -96,6 +133,25 @@ def process_sampled_token(
         delta.prompt_logprobs = req.prompt_logprobs
         delta.prompt_token_ids = req.prompt_ids
     return delta
+
+
+def _text_of(req: Request, text_ids: list[int], new_ids: list[int]) -> tuple[str, str | None]:
+    """Detokenize `text_ids` through the stop checker: (text to stream, matched stop string).
+    Several tokens with stop strings to look for go one at a time, so a match ends the
+    request at the token that completed it: `new_ids` is cut after that token."""
+    if not text_ids:
+        return "", None
+    detokenizer, checker = req.detokenizer, req.stop_checker
+    if len(text_ids) == 1 or not checker.watching:
+        return checker.feed(detokenizer.push(text_ids))
+    parts = []
+    for k, t in enumerate(text_ids):
+        text, matched = checker.feed(detokenizer.push((t,)))
+        parts.append(text)
+        if matched is not None:
+            del new_ids[k + 1 :]
+            return "".join(parts), matched
+    return "".join(parts), None
 
 
 def _finish_text(req: Request, text: str, matched: str | None, stop_reason: str | int | None) -> tuple[str, str | int | None]:

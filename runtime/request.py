@@ -57,6 +57,9 @@ class Request:
     node: "TreeNode | None" = None
     num_computed: int = 0
     cached_tokens: int | None = None  # prompt tokens hit in the cache at first admission
+    # Trailing output tokens that stand in for tokens still on the device while the overlapped
+    # engine loop schedules the next step (runtime/engine_loop.py); 0 otherwise.
+    placeholders: int = 0
 
     # output state (per-request helpers built by the engine)
     detokenizer: Any = None

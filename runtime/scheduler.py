@@ -14,6 +14,14 @@
   pages go into the tree (so recomputing it is mostly a cache hit), its private pages are
   freed, and it returns to the front of the waiting queue. Nothing crashes, nothing leaks.
 
+Decode bursts: when the caller allows it (`schedule(max_burst=k)`) and every running request is
+decoding with nothing that needs the host between tokens (no grammar, penalties or
+log-probabilities), nobody waits for admission, and each has at least k tokens of budget left
+(max_tokens, context), the batch runs k decode steps in one launch (`ScheduledBatch.burst`):
+pages are reserved for k tokens, each step's sampled token feeds the next on the device, and
+the host folds k tokens per request at once. A request that ends inside the burst (stop token,
+EOS, stop string) keeps the tokens up to its end; the KV computed past it is never cached.
+
 The scheduler touches only token ids and page indices; it never sees a tensor.
 """
 
@@ -58,8 +66,12 @@ class ScheduledSeq(NamedTuple):
 
 @dataclass(frozen=True)
 class ScheduledBatch:
+    """`burst` > 1: every seq is a decode row (one token, sampling) and the step runs `burst`
+    decode steps back to back, each fed the token the one before sampled (module docstring)."""
+
     seqs: tuple[ScheduledSeq, ...]
     preempted: int = 0
+    burst: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -106,9 +118,12 @@ class Scheduler:
     """Owns the waiting and running queues, the page allocator and the radix tree.
     Single-threaded: only the engine thread calls it."""
 
-    def __init__(self, config: EngineConfig, num_pages: int) -> None:
+    def __init__(self, config: EngineConfig, num_pages: int, max_model_len: int | None = None) -> None:
+        """`max_model_len`: the engine's context limit (default: the config's), which decode
+        bursts never cross."""
         self.config = config
         self.page_size = config.page_size
+        self.max_model_len = max_model_len or config.max_model_len or num_pages * config.page_size
         self.allocator = PageAllocator(num_pages)
         self.tree: RadixCache | None = (
             RadixCache(self.allocator, page_size=config.page_size, eviction=config.eviction_policy)
@@ -145,10 +160,13 @@ class Scheduler:
         self.counters.finished += 1
 
     # ------------------------------------------------------------------ the step
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, max_burst: int = 1) -> ScheduledBatch:
+        """This step's work. `max_burst` > 1 allows a decode burst of up to that many steps."""
         budget = self.config.max_batch_tokens
         seqs: list[ScheduledSeq] = []
         preempted_before = self.counters.preemptions
+        burst = self._burst_len(max_burst) if max_burst > 1 else 1
+        ahead = burst - 1  # tokens past this step's that the burst computes
 
         running = RequestStatus.RUNNING
         page_size = self.page_size
@@ -162,8 +180,8 @@ class Scheduler:
             if num_new <= 0:
                 continue
             # Pages already hold the new tokens (most decode steps): nothing to reserve.
-            fits = req.num_computed + num_new <= len(req.pages) * page_size
-            if not fits and not self._reserve(req, num_new, seqs):
+            fits = req.num_computed + num_new + ahead <= len(req.pages) * page_size
+            if not fits and not self._reserve(req, num_new + ahead, seqs):
                 self.preempt(req)  # nothing left to evict or preempt: wait for pages
                 continue
             seqs.append(self._scheduled(req, num_new))
@@ -173,7 +191,26 @@ class Scheduler:
             self._admit_waiting(budget, seqs)
 
         self.counters.steps += 1
-        return ScheduledBatch(tuple(seqs), self.counters.preemptions - preempted_before)
+        return ScheduledBatch(tuple(seqs), self.counters.preemptions - preempted_before, burst if seqs else 1)
+
+    def _burst_len(self, max_burst: int) -> int:
+        """How many decode steps the running requests can take in one launch (1: no burst):
+        all decoding, none needing the host between tokens, none admissible waiting, and at
+        most the fewest tokens any of them may still generate."""
+        if self.waiting and len(self.running) < self.config.max_running:
+            return 1
+        k = max_burst
+        limit = self.max_model_len
+        for req in self.running:
+            p = req.params
+            num_tokens = len(req.prompt_ids) + len(req.output_ids)
+            if (req.num_computed != num_tokens - 1 or req.matcher is not None or req.logprobs is not None
+                    or p.uses_penalties):
+                return 1
+            k = min(k, p.max_tokens - len(req.output_ids), limit - num_tokens)
+            if k < 2:
+                return 1
+        return k
 
     def _admit_waiting(self, budget: int, seqs: list[ScheduledSeq]) -> None:
         """Admit waiting requests (cache-aware order) while budget, slots and pages last."""
@@ -209,12 +246,13 @@ class Scheduler:
         """Advance `num_computed` for every scheduled request and hand finished prefill chunks to
         the tree, so requests waiting on the same prefix hit it next step."""
         running = RequestStatus.RUNNING
+        ahead = batch.burst - 1
         for seq in batch.seqs:
             req = seq.request
             if req.status is not running:
                 continue
             was_prefill = req.num_computed < len(req.prompt_ids)  # = req.in_prefill, inlined (hot)
-            req.num_computed = seq.start + seq.num_new
+            req.num_computed = seq.start + seq.num_new + ahead
             if was_prefill:
                 self._cache_computed(req)
 
@@ -345,6 +383,9 @@ class Scheduler:
         logger.debug("preempted %s at %d tokens", req.request_id, req.num_tokens)
 
     def _release(self, req: Request, cache: bool) -> None:
+        # Only KV of known tokens counts: a burst computes past a request that ended inside it,
+        # and a request preempted while a burst is in flight has placeholders for its tokens.
+        req.num_computed = min(req.num_computed, req.num_tokens - req.placeholders)
         if cache and self.tree is not None and req.num_computed > 0:
             self._cache_computed(req)
         if self.tree is not None and req.node is not None:

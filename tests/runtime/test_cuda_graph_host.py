@@ -239,6 +239,24 @@ def test_graph_input_path_with_overlap_matches_sync_loop(sync_outputs: list) -> 
     assert got == sync_outputs
 
 
+def test_split_mixed_steps_match_sync_loop(sync_outputs: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed steps whose decode rows replay a graph (the static buffers, eager on the CPU) while
+    the prefill rows run as one eager forward give the synchronous loop's outputs."""
+    from radixserve.runtime import model_runner
+
+    monkeypatch.setattr(model_runner, "MIN_SPLIT_DECODE_ROWS", 2)
+    with Engine(model="default", page_size=16, num_pages=12, max_batch_tokens=256, max_model_len=320,
+                overlap=True) as engine:
+        runner = engine._loop.runner
+        config = engine.model_config
+        engine.call_on_loop(lambda: runner.enable_cuda_graphs(
+            max_bs=8, max_model_len=engine.max_model_len, dummy_page=engine.kv_cache.num_pages - 1,
+            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, use_graphs=False))
+        got = _run(engine)
+        assert runner.split_steps > 0
+    assert got == sync_outputs
+
+
 def test_fill_rows_matches_python() -> None:
     from radixserve.runtime.cuda_graphs import fill_rows
 

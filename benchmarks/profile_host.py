@@ -1,0 +1,121 @@
+"""Where the engine thread's host time goes on gsp: cProfile of every step, decode apart.
+
+    python benchmarks/profile_host.py                      # llama-1b on CUDA, 8 groups x 16
+    python benchmarks/profile_host.py --groups 32 --top 30
+    python benchmarks/profile_host.py --model tiny-llama --device cpu --groups 2   # a smoke run
+
+On the GPU the engine is bound by its own thread at large batches (benchmarks/RESULTS.md,
+`gsp-steps` rows): this runs gsp once to warm up, then once more with a fresh cProfile around
+every engine step, and prints the functions with the most own time over the decode steps (every
+row adds one token: graph replays) and over the other steps (prefill chunks, alone or mixed
+with decode rows), each beside the steps' count and host time per step. cProfile slows Python
+down (roughly 1.5-2x), so read the shares, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.gpu_bench import VOCAB_RANGE, model_source, warm_up  # noqa: E402
+from benchmarks.harness import run_radixserve  # noqa: E402
+from benchmarks.workloads import GSPShape, gsp  # noqa: E402
+from radixserve.runtime import Engine  # noqa: E402
+
+
+class StepProfiles:
+    """Wraps an engine loop's `step` with a fresh profiler per step, filed by step kind."""
+
+    def __init__(self, loop) -> None:  # noqa: ANN001 - an EngineLoop
+        self.loop = loop
+        self.decode: list[cProfile.Profile] = []
+        self.other: list[cProfile.Profile] = []
+        self.decode_s = self.other_s = 0.0
+        self._step = loop.step
+
+    def __enter__(self) -> "StepProfiles":
+        self.loop.step = self._profiled_step  # the loop calls self.step(): the instance attribute wins
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.loop.step
+
+    def _profiled_step(self) -> None:
+        before = self.loop.timing.decode_steps
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        try:
+            self._step()
+        finally:
+            prof.disable()
+            dt = time.perf_counter() - t0
+            if self.loop.timing.decode_steps > before:
+                self.decode.append(prof)
+                self.decode_s += dt
+            else:
+                self.other.append(prof)
+                self.other_s += dt
+
+    def report(self, top: int) -> str:
+        out = io.StringIO()
+        for label, profs, total in (("decode steps", self.decode, self.decode_s),
+                                    ("prefill and mixed steps", self.other, self.other_s)):
+            if not profs:
+                continue
+            out.write(f"\n== {label}: {len(profs)} steps, {total / len(profs) * 1e3:.2f} ms per step "
+                      f"(wall with cProfile on, waits included)\n")
+            stats = pstats.Stats(profs[0], stream=out)
+            for p in profs[1:]:
+                stats.add(p)
+            stats.sort_stats("tottime").print_stats(top)
+            stats.sort_stats("cumulative").print_stats(top)
+        return out.getvalue()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--groups", type=int, default=8)
+    ap.add_argument("--prefix", type=int, default=2048)
+    ap.add_argument("--question", type=int, default=128)
+    ap.add_argument("--out-len", type=int, default=256)
+    ap.add_argument("--max-running", type=int, default=512)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--tokenizer-dir", type=Path, default=REPO / "build" / "gpu_assets" / "tokenizer")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=INT",
+                    help="extra integer Engine arguments, e.g. decode_steps=4")
+    args = ap.parse_args()
+    extra = {k: int(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    engine = Engine(model=model_source(args.model, args.tokenizer_dir), load_format="dummy", device=args.device,
+                    page_size=16, max_running=args.max_running, max_batch_tokens=8192,
+                    max_model_len=max(4096 if cuda else 0, args.prefix + args.question + args.out_len + 64), **extra)
+    shape = GSPShape(args.groups, 16, args.prefix, args.question, args.out_len)
+    if cuda:  # compile the Triton kernels that graph capture did not (warm_up sends 3000-token prompts)
+        warm_up(engine, gsp(GSPShape(min(args.groups, 2), 16, args.prefix, args.question, 8), VOCAB_RANGE, seed=99))
+    reqs = gsp(shape, VOCAB_RANGE, seed=1)
+    loop = engine._loop
+    with StepProfiles(loop) as profiles:
+        m = run_radixserve(engine, reqs, name="gsp-profiled")
+        engine.wait_idle()
+    print(f"gsp {args.groups} x 16 on {args.model}: {m.wall_s:.2f} s with cProfile on, "
+          f"{m.output_tps:,.0f} out tok/s")
+    print(profiles.report(args.top))
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

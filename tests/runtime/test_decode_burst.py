@@ -1,0 +1,148 @@
+"""Decode bursts: k decode steps per launch, each fed the token the step before sampled.
+
+A burst must give exactly what k one-token steps give: the same tokens (greedy), the same text
+and finish, cut at a stop token, EOS or stop string inside the burst, and no KV page leaked or
+wrongly cached (the KV computed past a request's end, or past tokens still on the device when
+a request is preempted, never reaches the tree). Checked on the CPU through the graphs' padded
+static buffers (`DecodeGraphs(use_graphs=False)`), against the synchronous loop without bursts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from radixserve.runtime import Engine, SamplingParams
+from radixserve.runtime.cuda_graphs import DecodeRows, build_host_inputs
+from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces
+from radixserve.runtime.output_processor import OutputLimits, process_sampled_burst, process_sampled_token
+from radixserve.runtime.request import Request
+
+# ------------------------------------------------------------------ host inputs of a burst
+
+
+def test_burst_host_inputs_hold_every_step() -> None:
+    page, dummy_slot, max_bs = 4, 99 * 4, 8
+    # Row 0 grows from position 6 into its third page; row 1 from 1 within its first.
+    rows = DecodeRows(token_ids=[11, 12], seq_lens=[7, 2], pages=[[7, 3, 50], [9]])
+    host = build_host_inputs(rows, None, bucket=4, max_bs=max_bs, page_size=page, dummy_slot=dummy_slot, steps=3)
+    assert host.i64.shape == (4 + 3, max_bs) and host.steps == 3
+    slots = [host.i64[2], host.i64[5], host.i64[6]]  # steps 0, 1, 2
+    assert [s[:2].tolist() for s in slots] == [[3 * 4 + 2, 9 * 4 + 1], [3 * 4 + 3, 9 * 4 + 2], [50 * 4 + 0, 9 * 4 + 3]]
+    assert all(s[2:4].tolist() == [dummy_slot, dummy_slot] for s in slots)  # padding stays padding
+    assert host.page_table.tolist() == [[7, 3, 50], [9, 0, 0]]  # the pages of the last step too
+
+    # Cascade: the slots come from each row's own pages past the shared prefix.
+    rows = DecodeRows(token_ids=[1, 2], seq_lens=[9, 10], pages=[[5, 6, 7, 20], [5, 6, 8, 21]])
+    host = build_host_inputs(rows, [(0, 2, 2)], bucket=2, max_bs=max_bs, page_size=page,
+                             dummy_slot=dummy_slot, steps=4)
+    assert host.suffix_table.tolist() == [[7, 0], [8, 21]]  # row 0 ends at position 11, row 1 at 12
+    assert host.i64[2, :2].tolist() == [7 * 4 + 0, 8 * 4 + 1]
+    assert host.i64[7, :2].tolist() == [7 * 4 + 3, 21 * 4 + 0]  # step 3: positions 11 and 12
+    with pytest.raises(ValueError):  # the row lacks the page its second step writes
+        build_host_inputs(DecodeRows([1], [8], [[5, 6]]), None, 1, max_bs, page, dummy_slot, steps=2)
+
+
+# ------------------------------------------------------------------ folding a burst's tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    with Engine(model="default", max_model_len=64, num_pages=8) as engine:
+        yield engine.tokenizer
+
+
+def _request(tokenizer, pieces: TokenPieces, params: SamplingParams) -> Request:
+    prompt = tokenizer.encode("Once upon a time")
+    req = Request("r", 0, prompt, params, lambda d: None)
+    req.detokenizer = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens, pieces)
+    req.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
+    return req
+
+
+def _one_by_one(req: Request, tokens: list[int], limits: OutputLimits) -> tuple:
+    text = ""
+    for t in tokens:
+        delta = process_sampled_token(req, t, None, limits)
+        text += delta.text
+        if delta.finish_reason is not None:
+            break
+    return req.output_ids, text, req.finish_reason, req.stop_reason
+
+
+@pytest.mark.parametrize("case", ["plain", "eos", "ignore_eos", "stop_token", "stop_string", "max_tokens"])
+def test_burst_folds_like_one_token_steps(tokenizer, case: str) -> None:
+    eos = tokenizer.eos_token_id
+    words = tokenizer.encode(" the cat sat on the mat and then it")
+    tokens = words[:6]
+    params = dict(max_tokens=50, temperature=0)
+    if case in ("eos", "ignore_eos"):
+        tokens = words[:2] + [eos] + words[2:5]
+        params["ignore_eos"] = case == "ignore_eos"
+    elif case == "stop_token":
+        params["stop_token_ids"] = [words[3]]
+    elif case == "stop_string":
+        params["stop"] = [" sat on"]
+    elif case == "max_tokens":
+        params["max_tokens"] = 4
+    limits = OutputLimits(frozenset({eos}), 1000)
+    pieces = TokenPieces(tokenizer)
+    a = _request(tokenizer, pieces, SamplingParams(**params))
+    b = _request(tokenizer, pieces, SamplingParams(**params))
+    delta = process_sampled_burst(a, list(tokens), limits)
+    got = (a.output_ids, delta.text, a.finish_reason, a.stop_reason)
+    assert got == _one_by_one(b, tokens, limits)
+    assert delta.token_ids == a.output_ids and delta.completion_tokens == len(a.output_ids)
+    if case in ("eos", "stop_token", "stop_string", "max_tokens"):
+        assert a.finish_reason is not None and len(a.output_ids) < len(tokens)
+
+
+# ------------------------------------------------------------------ the engine with bursts
+
+
+def _requests() -> list[tuple[str, SamplingParams]]:
+    return [
+        ("The capital of France is", SamplingParams(temperature=0, max_tokens=21)),
+        ("Once upon a time, in a land far away,", SamplingParams(temperature=0, max_tokens=30, stop=[" the", "."])),
+        ("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=9)),
+        ("List three colors:", SamplingParams(temperature=0, max_tokens=26, ignore_eos=True)),
+        ("Shared system prompt. " * 12 + "Question one?", SamplingParams(temperature=0, max_tokens=17)),
+        ("Shared system prompt. " * 12 + "Question two!", SamplingParams(temperature=0, max_tokens=23,
+                                                                        ignore_eos=True)),
+        ("Shared system prompt. " * 12 + "Question three.", SamplingParams(temperature=0, max_tokens=2)),
+        ("1, 2, 3, 4,", SamplingParams(temperature=0.8, seed=3, max_tokens=19)),
+    ]
+
+
+def _run(engine: Engine) -> list:
+    prompts, params = zip(*_requests())
+    results = engine.generate(list(prompts), list(params))
+    engine.wait_idle()
+    engine.check_integrity()
+    stats = engine.stats()
+    assert stats.private_pages == 0 and stats.locked_pages == 0
+    return [(o.token_ids, o.text, o.finish_reason) for r in results for o in r.outputs]
+
+
+ENGINE = dict(model="default", page_size=16, max_batch_tokens=512, max_model_len=320)
+
+
+@pytest.fixture(scope="module")
+def unbursted() -> list:
+    with Engine(**ENGINE, num_pages=64, overlap=False, decode_burst=1) as engine:
+        return _run(engine)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("num_pages", [64, 9])  # 9 pages of 16 tokens: preemptions
+def test_bursts_give_one_token_steps_outputs(unbursted: list, overlap: bool, num_pages: int) -> None:
+    with Engine(**ENGINE, num_pages=num_pages, overlap=overlap, decode_burst=4, decode_burst_min_batch=2) as engine:
+        runner = engine._loop.runner
+        config = engine.model_config
+        engine.call_on_loop(lambda: runner.enable_cuda_graphs(
+            max_bs=8, max_model_len=engine.max_model_len, dummy_page=engine.kv_cache.num_pages - 1,
+            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, use_graphs=False, max_steps=4))
+        got = _run(engine)
+        assert runner.burst_launches > 0
+        if num_pages == 9:
+            assert engine.stats().preemptions > 0
+    assert got == unbursted
