@@ -2,11 +2,12 @@
 
     python benchmarks/profile_host.py                      # llama-1b on CUDA, 8 groups x 16
     python benchmarks/profile_host.py --groups 32 --top 30
+    python benchmarks/profile_host.py --groups 2 --prefill-kernels 8   # + kernels of a prefill
     python benchmarks/profile_host.py --model tiny-llama --device cpu --groups 2   # a smoke run
 
 On the GPU the engine is bound by its own thread at large batches (benchmarks/RESULTS.md,
 `gsp-steps` rows): this runs gsp once to warm up, then once more with a fresh cProfile around
-every engine step, and prints the functions with the most own time over the decode steps (every
+every engine step (the engine thread held until every request is queued), and prints the functions with the most own time over the decode steps (every
 row adds one token: graph replays) and over the other steps (prefill chunks, alone or mixed
 with decode rows), each beside the steps' count and host time per step. cProfile slows Python
 down (roughly 1.5-2x), so read the shares, not the absolute times.
@@ -19,7 +20,9 @@ import cProfile
 import io
 import pstats
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ from benchmarks.gpu_bench import VOCAB_RANGE, model_source, warm_up  # noqa: E40
 from benchmarks.harness import run_radixserve  # noqa: E402
 from benchmarks.workloads import GSPShape, gsp  # noqa: E402
 from radixserve.runtime import Engine  # noqa: E402
+from radixserve.runtime.engine_loop import Call  # noqa: E402
 
 
 class StepProfiles:
@@ -83,6 +87,12 @@ class StepProfiles:
         return out.getvalue()
 
 
+def _release_when_queued(loop, count: int, release: threading.Event) -> None:  # noqa: ANN001
+    while loop.inbox.pending_requests() < count:
+        time.sleep(0.005)
+    release.set()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-1b")
@@ -94,8 +104,10 @@ def main() -> int:
     ap.add_argument("--max-running", type=int, default=512)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--tokenizer-dir", type=Path, default=REPO / "build" / "gpu_assets" / "tokenizer")
+    ap.add_argument("--prefill-kernels", type=int, default=0, metavar="GROUPS",
+                    help="then profile the kernels of a prefill-only gsp of GROUPS groups (torch.profiler)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=INT",
-                    help="extra integer Engine arguments, e.g. decode_steps=4")
+                    help="extra integer Engine arguments, e.g. decode_burst=8")
     args = ap.parse_args()
     extra = {k: int(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
     cuda = args.device != "cpu" and torch.cuda.is_available()
@@ -107,14 +119,48 @@ def main() -> int:
         warm_up(engine, gsp(GSPShape(min(args.groups, 2), 16, args.prefix, args.question, 8), VOCAB_RANGE, seed=99))
     reqs = gsp(shape, VOCAB_RANGE, seed=1)
     loop = engine._loop
+    # cProfile (Python 3.12) sees every thread: hold the engine thread until every request is
+    # queued, so the submitting thread's work stays out of the steps' profiles.
+    release = threading.Event()
+    loop.inbox.put(Call(release.wait, Future()))
+    threading.Thread(target=_release_when_queued, args=(loop, len(reqs), release), daemon=True).start()
     with StepProfiles(loop) as profiles:
         m = run_radixserve(engine, reqs, name="gsp-profiled")
         engine.wait_idle()
     print(f"gsp {args.groups} x 16 on {args.model}: {m.wall_s:.2f} s with cProfile on, "
           f"{m.output_tps:,.0f} out tok/s")
     print(profiles.report(args.top))
+    if cuda and args.prefill_kernels:
+        print(prefill_kernels(engine, GSPShape(args.prefill_kernels, 16, args.prefix, args.question, 1), args.top))
     engine.shutdown()
     return 0
+
+
+def prefill_kernels(engine: Engine, shape: GSPShape, top: int) -> str:
+    """The kernels of gsp's prefill alone (one output token per request), by device time."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from benchmarks.profile_decode import short
+
+    reqs = gsp(shape, VOCAB_RANGE, seed=7)
+    tokens = sum(len(r.prompt_ids) for r in reqs)
+    steps0 = engine.stats().steps
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        m = run_radixserve(engine, reqs, name="gsp-prefill")
+        engine.wait_idle()
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA" and ev.device_time_total > 0:
+            per[short(ev.name)] += ev.device_time_total
+    total = sum(per.values())
+    lines = [f"\n== prefill kernels: gsp {shape.groups} x 16, {tokens} prompt tokens ({m.cached_tokens} cached) in "
+             f"{engine.stats().steps - steps0} steps, {m.wall_s * 1e3:.0f} ms wall, kernels {total / 1e3:.1f} ms"]
+    for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"   {us / 1e3:9.2f} ms  {us / max(total, 1e-9):5.1%}  {name}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

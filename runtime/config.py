@@ -54,7 +54,7 @@ class EngineConfig:
     overlap: bool | None = None  # None: on with CUDA (schedule step t+1 while step t runs)
     seed: int = 0
     stall_timeout_s: float = 120.0
-    decode_burst: int = 4
+    decode_burst: int = 8
     decode_burst_min_batch: int = 128
     constraints: ConstraintLimits = field(default_factory=ConstraintLimits)
 

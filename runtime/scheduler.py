@@ -100,20 +100,6 @@ class SchedulerCounters:
     steps: int = 0
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix, by binary search over C-speed slice compares."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:  # invariant: a[:lo] == b[:lo], and the answer is at most hi
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 class Scheduler:
     """Owns the waiting and running queues, the page allocator and the radix tree.
     Single-threaded: only the engine thread calls it."""
@@ -334,14 +320,21 @@ class Scheduler:
         """True when a request that is still prefilling will cache at least one more whole page
         of this request's prompt: waiting a step costs less than computing it twice. The other
         request is running, so it gets budget first and the wait always ends."""
+        # One whole page past what the cache gave it: the first `need` tokens, all in common.
+        # (One slice comparison; a longest-common-prefix search cost ~0.2 ms per call, for
+        # every waiting request of a group on every step, on gsp's 2k-token prompts.)
+        need = (matched // self.page_size + 1) * self.page_size
+        if need > req.num_tokens - 1:  # the last token is always computed
+            return False
         ids: list[int] | None = None
         for other in prefilling.get(self._first_page_key(req), ()):
             if other.status is not RequestStatus.RUNNING or not other.in_prefill:
                 continue  # preempted or done prefilling since the index was built
+            if len(other.prompt_ids) < need:
+                continue
             if ids is None:
-                ids = req.tokens(0, req.num_tokens - 1)
-            shared = common_prefix_len(ids, other.prompt_ids)
-            if shared // self.page_size * self.page_size > matched:
+                ids = req.tokens(0, need)
+            if other.prompt_ids[:need] == ids:
                 return True
         return False
 

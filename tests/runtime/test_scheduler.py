@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from radixserve.runtime.config import EngineConfig
 from radixserve.runtime.request import Request
 from radixserve.runtime.sampling_params import SamplingParams
-from radixserve.runtime.scheduler import Scheduler, common_prefix_len
+from radixserve.runtime.scheduler import Scheduler
 
 
 def fake_token(ids: list[int]) -> int:
@@ -208,8 +208,3 @@ def test_random_workloads_never_leak(page_size: int, num_pages: int, budget: int
     assert_no_leak(sched)
 
 
-def test_common_prefix_len() -> None:
-    assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
-    assert common_prefix_len([], [1]) == 0
-    assert common_prefix_len([5, 6], [5, 6]) == 2
-    assert common_prefix_len([1] * 100 + [2], [1] * 100 + [3]) == 100
