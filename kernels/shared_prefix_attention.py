@@ -296,11 +296,10 @@ def shared_prefix_impl(
     sp = prefix_splits or choose_num_splits(fewest_groups * rblocks, hkv, max_prefix_len, sms)
     ss = suffix_splits or choose_num_splits(b, hkv, max_suffix_len, sms)
     total = sp + ss
+    # Every cell is written: the prefix kernel writes all splits of every row of a group (the
+    # contract puts every row in one), the suffix kernel all of its splits for every row.
     mid_o = torch.empty((b, hq, total, d), dtype=torch.float32, device=q.device)
-    # -inf everywhere first: a request outside every group (broken cu_groups) then gets only
-    # its suffix instead of reading uninitialized memory.
-    mid_lse = torch.full((b, hq, total), float("-inf"), dtype=torch.float32, device=q.device)
-    mid_o[:, :, :sp].zero_()
+    mid_lse = torch.empty((b, hq, total), dtype=torch.float32, device=q.device)
     block_d = max(16, next_power_of_2(d))  # tl.dot needs K >= 16 on the GPU
     bn = max(16, block_n or (64 if block_d <= 128 else 32))
     dot_f32, precision = dot_flags(q.dtype, is_interpreted(_prefix_split_kernel))
@@ -316,6 +315,9 @@ def shared_prefix_impl(
             HKV=hkv, GQ=gq, D=d, NUM_SPLITS=sp, TOTAL_SPLITS=total, RPB=rpb, BLOCK_M=bm, BLOCK_D=block_d,
             BLOCK_N=bn, PAGE_SIZE=page_size, DOT_F32=dot_f32, PRECISION=precision, **extra,
         )
+    else:  # no prefix anywhere: the prefix columns are empty parts
+        mid_o[:, :, :sp].zero_()
+        mid_lse[:, :, :sp].fill_(float("-inf"))
     launch_decode_splits(q, k_cache, v_cache, suffix_page_table, suffix_lens, sm_scale, mid_o, mid_lse, sp, ss,
                          block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     launch_merge_splits(mid_o, mid_lse, o, None)

@@ -34,7 +34,9 @@ Invariants (what makes one capture valid for every later step):
 * Cascade graphs have `bucket` group slots of at most `group_cap` requests each (the requests
   of one prefix tile, see kernels/shared_prefix_attention.py): a plan's larger groups are cut
   into chunks of `group_cap`, and each chunk reads its prefix once, as the kernel's row blocks
-  would anyway. Unused group slots are empty (cu_groups[g] == cu_groups[g + 1]).
+  would anyway. Each padding row is a group of its own with no prefix (so every row of the
+  bucket is in a group, as the kernel's contract asks, and its scratch needs no clearing);
+  the remaining slots are empty (cu_groups[g] == cu_groups[g + 1]).
 * A graph's output (logits [bucket, vocab] fp32) lives in the graphs' shared memory pool and
   is overwritten by the next replay of any graph. Sampling reads it right after the replay in
   stream order, so it is consumed before any later replay runs.
@@ -226,7 +228,11 @@ def build_host_inputs(
             prefix_view[g] = pages * page_size
         if expected_start != bs:
             raise ValueError(f"build_host_inputs: groups cover {expected_start} of {bs} rows")
-        cu_view[len(groups) :] = bs  # unused group slots are empty
+        # Padding rows: groups of one without a prefix (there are enough slots: at most bs
+        # groups hold the real rows); the slots after them are empty.
+        n = len(groups)
+        cu_view[n : n + bucket - bs] = np.arange(bs, bucket)
+        cu_view[n + bucket - bs :] = bucket
         suffix_view[:bs] = seq_lens - shared * page_size
         if (suffix_view[:bs] < 1).any():
             raise ValueError("build_host_inputs: every row keeps at least its new token in its suffix")

@@ -70,7 +70,7 @@ def test_host_inputs_padding_rules() -> None:
     prefix_lens, suffix_lens, cu = host.i32[8:16], host.i32[16:24], host.i32[24:33]
     assert prefix_lens[:4].tolist() == [8, 0, 0, 0]
     assert suffix_lens[:4].tolist() == [2, 4, 3, 0]
-    assert cu[:5].tolist() == [0, 2, 3, 3, 3]  # unused group slots are empty
+    assert cu[:5].tolist() == [0, 2, 3, 4, 4]  # the padding row is a group of one; the last slot is empty
     assert host.prefix_table.tolist() == [[5, 6], [0, 0]]
     assert host.suffix_table.tolist() == [[7], [8], [9]]
     with pytest.raises(ValueError):
