@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: sized from memory)")
     model.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     model.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
+    model.add_argument("--decode-burst", type=int, default=None,
+                       help="decode steps per launch for large decode batches on CUDA (default 8; 1: off)")
+    model.add_argument("--decode-burst-min-batch", type=int, default=None,
+                       help="running requests from which decode bursts apply (default 128)")
     model.add_argument("--disable-prefix-cache", action="store_true", help="turn the radix prefix cache off")
     model.add_argument("--stall-timeout", dest="stall_timeout_s", type=float, default=None,
                        help="seconds one engine step may take before /health reports the engine stuck")
@@ -104,6 +108,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "stall_timeout_s": args.stall_timeout_s,
+        "decode_burst": args.decode_burst,
+        "decode_burst_min_batch": args.decode_burst_min_batch,
     }
     kwargs = {key: value for key, value in options.items() if value is not None}
     if args.disable_prefix_cache:

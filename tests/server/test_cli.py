@@ -40,7 +40,7 @@ def test_flags_map_to_settings_and_engine(monkeypatch):
         "serve", "--model", "m", "--host", "0.0.0.0", "--port", "9000", "--page-size", "16", "--context-length", "4096",
         "--max-running", "8", "--max-waiting", "32", "--max-body-size", "2MiB", "--log-level", "debug",
         "--served-model-name", "my-model", "--model-alias", "a", "--model-alias", "b", "--disable-prefix-cache",
-        "--graceful-shutdown-timeout", "5",
+        "--graceful-shutdown-timeout", "5", "--decode-burst", "4",
     ])
     settings = settings_from_args(args)
     assert settings.api_key == "from-env"  # from the environment when the flag is absent
@@ -48,7 +48,7 @@ def test_flags_map_to_settings_and_engine(monkeypatch):
     assert settings.served_model_name == "my-model" and settings.model_aliases == ("a", "b")
     assert settings.graceful_shutdown_s == 5
     assert engine_kwargs(args) == {"page_size": 16, "max_model_len": 4096, "max_running": 8, "max_waiting": 32,
-                                   "enable_prefix_cache": False}
+                                   "decode_burst": 4, "enable_prefix_cache": False}
     args = build_parser().parse_args(["serve", "--api-key", "flag"])
     assert settings_from_args(args).api_key == "flag"
 
