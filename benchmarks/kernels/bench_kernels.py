@@ -16,8 +16,6 @@ Figures (BENCHMARKS.md, kernel targets):
   * cascade: shared-prefix decode vs plain paged decode on a gsp-like batch (64 groups x 16
     requests, 2048-token shared prefix, 256-token private suffix), and the KV-bytes ratio
   * rms_norm (with residual), silu_and_mul, store_kv: GB/s
-  * skinny: skinny_linear vs cuBLAS on llama-1b's decode projections at 1, 32, 64 rows: GB/s
-    of weight read (device time per call), a tile sweep at 32 rows
 Times are medians of triton.testing.do_bench, except the extend rows per length and SDPA's:
 device time per call from a CUDA graph of 10 calls (`device_ms`), because at 2k tokens the
 kernel is shorter than its Python launcher; the launcher-included wall time is a row of its own.
@@ -476,47 +474,11 @@ def bench_elementwise(copy_gbs: float) -> None:
         f"{nbytes / ms / 1e6 / copy_gbs:.0%} of copy")
 
 
-# llama-1b's decode projections: (name, N, K) of the weight [N, K]
-SKINNY_SHAPES = [("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192)]
-
-
-def bench_skinny(copy_gbs: float, quick: bool) -> None:
-    """skinny_linear vs cuBLAS (F.linear) on llama-1b's decode projections: device time per
-    call, as GB/s of weight read (the floor of a decode projection), plus a tile sweep at 32 rows."""
-    skinny = importlib.import_module("radixserve.kernels.skinny_linear")
-    weights = {name: torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / k**0.5 for name, n, k in SKINNY_SHAPES}
-    for name, n, k in SKINNY_SHAPES:
-        x = torch.randn(32, k, device=DEV, dtype=torch.bfloat16)
-        check(f"skinny_linear {name} bf16", skinny.skinny_linear(x, weights[name]), x.double() @ weights[name].double().T,
-              2e-2)
-    sweep = [dict(block_n=bn, block_k=bk, num_stages=st, num_warps=nw)
-             for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 4, 6) for nw in (4, 8)] if not quick else []
-    for m in (1, 32, 64):
-        for name, n, k in SKINNY_SHAPES:
-            w = weights[name]
-            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-            gb = w.numel() * w.element_size() / 1e9
-            ours = device_ms(lambda: skinny.skinny_linear(x, w))
-            cublas = device_ms(lambda: torch.nn.functional.linear(x, w))
-            note = f"cuBLAS {gb / cublas * 1e3:,.0f} GB/s ({cublas * 1e3:.1f} us); ours {cublas / ours:.2f}x"
-            if m == 32 and sweep:
-                timed = []
-                for c in sweep:
-                    try:
-                        timed.append((device_ms(lambda c=c: skinny.skinny_linear(x, w, **c), reps=10), c))
-                    except Exception:  # noqa: BLE001 - a tile that does not fit shared memory
-                        continue
-                best_ms, best = min(timed, key=lambda t: t[0])
-                note += f"; sweep best {gb / best_ms * 1e3:,.0f} GB/s {tuple(best.values())}"
-            row(f"skinny_linear {name}", f"M{m} N{n} K{k} bf16 ({gb * 1e3:.1f} MB)",
-                f"{gb / ours * 1e3:,.0f} GB/s", f"{gb / ours * 1e3 / copy_gbs:.0%} of copy, {ours * 1e3:.1f} us; {note}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--only", default="copy,decode,extend,cascade,elementwise,skinny")
+    parser.add_argument("--only", default="copy,decode,extend,cascade,elementwise")
     opts = parser.parse_args()
     torch.manual_seed(0)
     if DEV == "cuda":
@@ -528,8 +490,7 @@ def main() -> None:
     only = set(opts.only.split(","))
     copy_gbs = bench_copy()
     sections = [("decode", lambda: bench_decode(copy_gbs, opts.quick)), ("extend", lambda: bench_extend(opts.quick)),
-                ("cascade", lambda: bench_cascade(copy_gbs)), ("elementwise", lambda: bench_elementwise(copy_gbs)),
-                ("skinny", lambda: bench_skinny(copy_gbs, opts.quick))]
+                ("cascade", lambda: bench_cascade(copy_gbs)), ("elementwise", lambda: bench_elementwise(copy_gbs))]
     for name, fn in sections:
         if name in only:
             print(f"== {name}", flush=True)
