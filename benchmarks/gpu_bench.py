@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=64, help="gsp groups (16 prompts each)")
     parser.add_argument("--peer-groups", type=int, default=2, help="gsp groups the transformers peer runs")
     parser.add_argument("--random-requests", type=int, default=3000, help="over six alternating runs")
-    parser.add_argument("--max-running", type=int, default=512)
+    parser.add_argument("--max-running", type=int, default=1024)
     parser.add_argument("--kv-gb", type=int, default=24)
     parser.add_argument("--budget-s", type=float, default=None, help="skip sections that start later")
     parser.add_argument("--tests-log", type=Path, default=None)

@@ -5,7 +5,7 @@ Python costs more than running them. Every decode batch (each request adds exact
 and needs that token's logits) therefore replays a graph captured at start-up for the smallest
 captured batch size (a "bucket") that holds it:
 
-    capture sizes: 1 2 4 8 16 24 32 48 64 80 96 112 128 160 192 224 256 288 ... (<= max_bs, and max_bs)
+    capture sizes: 1 2 4 8 16 24 32 48 64 80 96 112 128 160 192 ... 512 576 640 ... (<= max_bs, and max_bs)
     a decode batch of 37 requests replays the graph of 48: rows 37..47 are padding
 
 One set of static input buffers serves every graph; the graph of bucket b reads their first b
@@ -90,11 +90,11 @@ _IDS, _POS, _SLOTS, _CARRY_DST, _CARRY_SRC, _NEXT_SLOTS = range(6)
 
 def capture_batch_sizes(max_bs: int) -> tuple[int, ...]:
     """The batch sizes graphs are captured for: 1, 2, 4, 8, then steps of 8 to 32, of 16 to 128,
-    of 32 beyond, capped at `max_bs`, which is always included. Padding wastes at most ~1/5 of
-    a step's rows above 32."""
+    of 32 to 512, of 64 beyond, capped at `max_bs`, which is always included. Padding wastes at
+    most ~1/5 of a step's rows above 32."""
     if max_bs < 1:
         raise ValueError(f"max_bs must be positive, got {max_bs}")
-    sizes = [1, 2, 4, 8, *range(16, 33, 8), *range(48, 129, 16), *range(160, max_bs + 1, 32)]
+    sizes = [1, 2, 4, 8, *range(16, 33, 8), *range(48, 129, 16), *range(160, 513, 32), *range(576, max_bs + 1, 64)]
     return tuple(sorted({s for s in sizes if s <= max_bs} | {max_bs}))
 
 

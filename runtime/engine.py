@@ -44,7 +44,7 @@ Prompt = Union[str, Sequence[int]]
 T = TypeVar("T")
 DEFAULT_CPU_KV_BYTES = 2 << 30
 GPU_KV_FRACTION = 0.85
-MAX_GRAPH_BATCH = 512  # largest decode batch captured as a CUDA graph (logits: 512 x vocab fp32)
+MAX_GRAPH_BATCH = 1024  # largest decode batch captured as a CUDA graph (logits: 1024 x vocab fp32)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def test_capture_sizes_and_buckets() -> None:
     assert capture_batch_sizes(256) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
     assert capture_batch_sizes(1) == (1,)
     assert capture_batch_sizes(100)[-2:] == (96, 100)
+    assert capture_batch_sizes(1024)[-9:] == (512, 576, 640, 704, 768, 832, 896, 960, 1024)
     sizes = capture_batch_sizes(256)
     assert [bucket_for(b, sizes) for b in (1, 3, 8, 9, 33, 129, 256)] == [1, 4, 8, 16, 48, 160, 256]
     assert bucket_for(257, sizes) is None and bucket_for(0, sizes) is None
