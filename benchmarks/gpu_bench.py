@@ -562,10 +562,12 @@ def sec_overhead(engine: Engine, quick: bool) -> None:
         wall = host + wait
         results[(batch, overlap)] = (host, wait, dev, wall)
         mode = "overlapped loop" if overlap else "synchronous loop"
-        add("overhead", f"batch {batch} decode, {mode}: step wall / device / host",
+        burst = batch >= engine.config.decode_burst_min_batch and engine.config.decode_burst > 1
+        unit = f"launch (bursts of up to {engine.config.decode_burst} steps)" if burst else "step"
+        add("overhead", f"batch {batch} decode, {mode}: wall / device / host per {unit}",
             f"{wall * 1e3:.2f} / {dev * 1e3:.2f} / {host * 1e3:.2f} ms",
-            note=f"{n} decode steps; ITL p50 {(percentile(m.itl_s, 50) or 0) * 1e3:.2f} ms; "
-                 f"host {host / batch * 1e6:.1f} us per request")
+            note=f"{n} decode launches; ITL p50 {(percentile(m.itl_s, 50) or 0) * 1e3:.2f} ms; "
+                 f"host {host / batch * 1e6:.1f} us per request per launch")
     host, wait, dev, wall = results[(64, True)]
     exposed = max(0.0, wall - dev)
     add("overhead", "exposed host time per decode step (wall - device) / step, batch 64, overlapped",
