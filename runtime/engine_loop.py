@@ -401,9 +401,11 @@ class EngineLoop:
                 else:
                     delta = process_sampled_burst(req, list(burst), limits)
                 counters.generation_tokens += len(delta.token_ids)
+                # The stream first, then the bookkeeping (caching a long sequence's pages in
+                # the tree takes a while): commands the callback queues run after both.
+                self._emit(req, delta)
                 if delta.finish_reason is not None:
                     self._release(req)
-                self._emit(req, delta)
             except Exception as exc:  # noqa: BLE001 - one request's failure is its own
                 logger.exception("request %s failed", req.request_id)
                 self._end(req, "error", f"{type(exc).__name__}: {exc}")

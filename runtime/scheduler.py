@@ -248,6 +248,7 @@ class Scheduler:
             self.tree is None
             or self.config.schedule_policy == "fcfs"
             or len(self.waiting) > self.config.lpm_max_waiting
+            or len(self.waiting) == 1  # nothing to order: the admission's own match suffices
         ):
             return list(self.waiting)
         scored = []
