@@ -112,6 +112,8 @@ def _process(
     text, matched = _text_of(req, text_ids, new_ids)
     if matched is not None:
         finish, stop_reason = "stop", matched
+        if new_logprobs is not None:  # forced tokens past the one that completed the match
+            del new_logprobs[len(new_ids) :]
     output_ids.extend(new_ids)
     if new_logprobs is not None:
         req.logprobs.extend(new_logprobs)

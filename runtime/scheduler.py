@@ -173,7 +173,9 @@ class Scheduler:
             seqs.append(self._scheduled(req, num_new))
             budget -= num_new
 
-        if self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+        # A burst admits nobody: its rows must all be decode rows (a preemption above may have
+        # made room, but the preempted request waits for the next step).
+        if burst == 1 and self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             self._admit_waiting(budget, seqs)
 
         self.counters.steps += 1
