@@ -69,9 +69,10 @@ def profile(fn, reps: int = 20) -> dict[str, float]:  # noqa: ANN001
     return per
 
 
-def burst_ms(graphs: DecodeGraphs, rows: DecodeRows, groups: list, steps: int) -> float:
-    """Milliseconds a step of a decode burst as the model runner runs it (greedy): one upload,
-    `steps` replays, an argmax after each, the device-side advance of the inputs between."""
+def burst_ms(graphs: DecodeGraphs, rows: DecodeRows, groups: list, steps: int) -> tuple[float, dict[str, float]]:
+    """(milliseconds a step, kernel name -> device us a step) of a decode burst as the model
+    runner runs it (greedy): one upload, `steps` replays, an argmax after each, the device-side
+    advance of the inputs between."""
 
     def burst() -> None:
         tokens = graphs.run(rows, groups, steps=steps).argmax(dim=-1)
@@ -79,7 +80,9 @@ def burst_ms(graphs: DecodeGraphs, rows: DecodeRows, groups: list, steps: int) -
             tokens = graphs.next_step(tokens).argmax(dim=-1)
 
     with torch.inference_mode():
-        return bench_ms(burst, reps=10, warmup=2) / steps
+        ms = bench_ms(burst, reps=10, warmup=2) / steps
+        kernels = profile(burst, reps=3)
+    return ms, {name: us / steps for name, us in kernels.items()}
 
 
 def short(name: str) -> str:
@@ -143,9 +146,14 @@ def main() -> int:
                 print(f"   {us:9.1f} us  {us / max(total, 1e-9):5.1%}  {name}")
             summary.append((label, ms, floor_ms))
         if args.burst > 1:  # the cascade graph, k replays with argmax and the inputs' advance between
-            per_step = burst_ms(graphs, rows, groups, args.burst)
+            per_step, burst_kernels = burst_ms(graphs, rows, groups, args.burst)
             label = f"batch {bs} cascade, burst of {args.burst}"
-            print(f"\n== {label}: {per_step:.3f} ms a step (one replay alone: {ms:.3f} ms)")
+            extra = {short(k): us - kernels.get(k, 0.0) for k, us in burst_kernels.items()}
+            print(f"\n== {label}: {per_step:.3f} ms a step (one replay alone: {ms:.3f} ms); kernels "
+                  f"{sum(burst_kernels.values()) / 1e3:.3f} ms a step (the replay's {total / 1e3:.3f} ms); "
+                  "kernel time a step beyond the replay's:")
+            for name, us in sorted(extra.items(), key=lambda kv_: -kv_[1])[:6]:
+                print(f"   {us:9.1f} us  {name}")
             summary.append((label, per_step, floor_ms))
     print("\n| step | replay ms | byte floor ms | fraction |\n|---|---|---|---|")
     for label, ms, floor_ms in summary:
