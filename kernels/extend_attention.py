@@ -304,14 +304,18 @@ def _default_config(head_dim: int, dtype: torch.dtype, interpreted: bool, query_
     prefix + 512 new, 32 heads, bf16, new keys through TMA): d128 is fastest with 128 x 128 tiles
     (8 warps, 3 stages) once there are >= 4 tiles per SM (438-499 TFLOP/s at 4k-8k tokens) and
     with 64 x 64 (4 warps) below that (338 vs 311 TFLOP/s at 2k); d64 with 128 x 64 (8 warps,
-    3 stages), 64 x 64 where there are fewer tiles than two per SM.
+    3 stages) from 8 tiles per SM (8k tokens: 374 TFLOP/s), 64 x 64 (4 warps, 3 stages) below
+    that (2k / 4k tokens: 274 / 349 vs 232 / 328 TFLOP/s with 128 x 64), 4 stages where there are
+    fewer tiles than two per SM.
     """
     if interpreted:
         return 32, 16, 4, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
     if head_dim <= 64:
-        return (128, 64, 8, 3) if query_tiles >= 2 * sm_count else (64, 64, 4, 4)
+        if query_tiles >= 8 * sm_count:
+            return 128, 64, 8, 3
+        return (64, 64, 4, 3) if query_tiles >= 2 * sm_count else (64, 64, 4, 4)
     return (128, 128, 8, 3) if query_tiles >= 4 * sm_count else (64, 64, 4, 3)
 
 
