@@ -425,8 +425,8 @@ class EngineLoop:
     def _end(self, req: Request, reason: FinishReason, error: str | None = None) -> None:
         if req.is_finished:
             return
+        self._emit(req, final_delta(req, reason, error))  # the stream first, as in _postprocess
         self._release(req)
-        self._emit(req, final_delta(req, reason, error))
 
     def _release(self, req: Request) -> None:
         self.scheduler.finish(req)

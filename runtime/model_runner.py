@@ -44,6 +44,11 @@ from radixserve.runtime.scheduler import ScheduledBatch, ScheduledSeq
 MIN_SPLIT_DECODE_ROWS = 32
 
 
+def _graph_row(s: ScheduledSeq) -> bool:
+    """A row a decode graph can run: one new token, and its logits."""
+    return s.num_new == 1 and s.logits_from == 0
+
+
 @dataclass(frozen=True)
 class StepOutput:
     """Per scheduled seq (same order as the batch): the sampled token (None when the seq did
@@ -202,11 +207,13 @@ class ModelRunner:
         of the weights) costs less."""
         if self.graphs is None:
             return None
-        decode_idx = [i for i, s in enumerate(seqs) if s.num_new == 1 and s.logits_from == 0 and s.sample]
+        decode_idx: list[int] = []
+        other_idx: list[int] = []
+        for i, s in enumerate(seqs):
+            (decode_idx if _graph_row(s) else other_idx).append(i)
         if len(decode_idx) < MIN_SPLIT_DECODE_ROWS or self.graphs.bucket(len(decode_idx)) is None:
             return None
-        taken = set(decode_idx)
-        return decode_idx, [i for i in range(len(seqs)) if i not in taken]
+        return decode_idx, other_idx
 
     def _plan_cascade(self, seqs: list[ScheduledSeq]) -> CascadePlan | None:
         """A cascade plan when this is a decode batch whose requests share cached prefixes."""
@@ -227,7 +234,7 @@ class ModelRunner:
         return (
             self.graphs is not None
             and (plan is None or self.graphs.cascade)
-            and all(s.num_new == 1 and s.logits_from == 0 for s in seqs)
+            and all(map(_graph_row, seqs))
             and self.graphs.bucket(len(seqs)) is not None
         )
 

@@ -56,7 +56,7 @@ def process_sampled_burst(req: Request, token_ids: list[int], limits: OutputLimi
     The burst ran past any token that ends the request: the first stop token or EOS ends it
     there (that token kept in the ids, not in the text, as one step would), a stop string
     ends it at the token that completes it, and the tokens after are dropped, as if the
-    request had decoded one token per step."""
+    request had decoded one token per step. `token_ids` is consumed (cut in place)."""
     stop_ids = req.params.stop_token_ids
     eos = frozenset() if req.params.ignore_eos else limits.eos_token_ids
     ended_at = None

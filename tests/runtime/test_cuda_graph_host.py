@@ -190,13 +190,10 @@ def _requests() -> list[tuple[str, SamplingParams]]:
     ]
 
 
-def _run(engine: Engine) -> list:
+def _run(engine: Engine, pool_at_rest) -> list:  # noqa: ANN001 - the conftest check
     prompts, params = zip(*_requests())
     results = engine.generate(list(prompts), list(params))
-    engine.wait_idle()
-    engine.check_integrity()
-    stats = engine.stats()
-    assert stats.private_pages == 0 and stats.locked_pages == 0
+    pool_at_rest(engine)
     out = []
     for r in results:
         for o in r.outputs:
@@ -208,39 +205,36 @@ def _run(engine: Engine) -> list:
 
 
 @pytest.fixture(scope="module")
-def sync_outputs() -> list:
+def sync_outputs(pool_at_rest) -> list:  # noqa: ANN001
     # A small pool (12 pages of 16 tokens) so that requests get preempted and recomputed.
     with Engine(model="default", page_size=16, num_pages=12, max_batch_tokens=256, max_model_len=320,
                 overlap=False) as engine:
-        return _run(engine)
+        return _run(engine, pool_at_rest)
 
 
-def test_overlapped_loop_matches_sync_loop(sync_outputs: list) -> None:
+def test_overlapped_loop_matches_sync_loop(sync_outputs: list, pool_at_rest) -> None:  # noqa: ANN001
     with Engine(model="default", page_size=16, num_pages=12, max_batch_tokens=256, max_model_len=320,
                 overlap=True) as engine:
-        got = _run(engine)
+        got = _run(engine, pool_at_rest)
         timing = engine._loop.timing
         assert timing.synced_steps > 0  # the penalized request made some steps fold first
         assert engine.stats().preemptions > 0
     assert got == sync_outputs
 
 
-def test_graph_input_path_with_overlap_matches_sync_loop(sync_outputs: list) -> None:
+def test_graph_input_path_with_overlap_matches_sync_loop(sync_outputs: list, pool_at_rest, eager_graphs) -> None:  # noqa: ANN001
     """Decode batches go through the padded static buffers (eager on the CPU), with carried
     tokens and cascade groups, and still give the synchronous loop's outputs."""
     with Engine(model="default", page_size=16, num_pages=12, max_batch_tokens=256, max_model_len=320,
                 overlap=True) as engine:
-        runner = engine._loop.runner
-        config = engine.model_config
-        engine.call_on_loop(lambda: runner.enable_cuda_graphs(
-            max_bs=8, max_model_len=engine.max_model_len, dummy_page=engine.kv_cache.num_pages - 1,
-            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, use_graphs=False))
-        got = _run(engine)
+        runner = eager_graphs(engine, max_bs=8)
+        got = _run(engine, pool_at_rest)
         assert runner.graph_steps > 0 and runner.graphs is not None and runner.graphs.replays == runner.graph_steps
     assert got == sync_outputs
 
 
-def test_split_mixed_steps_match_sync_loop(sync_outputs: list, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_mixed_steps_match_sync_loop(sync_outputs: list, pool_at_rest, eager_graphs,  # noqa: ANN001
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Mixed steps whose decode rows replay a graph (the static buffers, eager on the CPU) while
     the prefill rows run as one eager forward give the synchronous loop's outputs."""
     from radixserve.runtime import model_runner
@@ -248,12 +242,8 @@ def test_split_mixed_steps_match_sync_loop(sync_outputs: list, monkeypatch: pyte
     monkeypatch.setattr(model_runner, "MIN_SPLIT_DECODE_ROWS", 2)
     with Engine(model="default", page_size=16, num_pages=12, max_batch_tokens=256, max_model_len=320,
                 overlap=True) as engine:
-        runner = engine._loop.runner
-        config = engine.model_config
-        engine.call_on_loop(lambda: runner.enable_cuda_graphs(
-            max_bs=8, max_model_len=engine.max_model_len, dummy_page=engine.kv_cache.num_pages - 1,
-            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, use_graphs=False))
-        got = _run(engine)
+        runner = eager_graphs(engine, max_bs=8)
+        got = _run(engine, pool_at_rest)
         assert runner.split_steps > 0
     assert got == sync_outputs
 

@@ -46,9 +46,8 @@ def test_burst_host_inputs_hold_every_step() -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    with Engine(model="default", max_model_len=64, num_pages=8) as engine:
-        yield engine.tokenizer
+def tokenizer(engine_p1: Engine):
+    return engine_p1.tokenizer
 
 
 def _request(tokenizer, pieces: TokenPieces, params: SamplingParams) -> Request:
@@ -113,13 +112,10 @@ def _requests() -> list[tuple[str, SamplingParams]]:
     ]
 
 
-def _run(engine: Engine) -> list:
+def _run(engine: Engine, pool_at_rest) -> list:  # noqa: ANN001 - the conftest check
     prompts, params = zip(*_requests())
     results = engine.generate(list(prompts), list(params))
-    engine.wait_idle()
-    engine.check_integrity()
-    stats = engine.stats()
-    assert stats.private_pages == 0 and stats.locked_pages == 0
+    pool_at_rest(engine)
     return [(o.token_ids, o.text, o.finish_reason) for r in results for o in r.outputs]
 
 
@@ -127,21 +123,18 @@ ENGINE = dict(model="default", page_size=16, max_batch_tokens=512, max_model_len
 
 
 @pytest.fixture(scope="module")
-def unbursted() -> list:
+def unbursted(pool_at_rest) -> list:  # noqa: ANN001
     with Engine(**ENGINE, num_pages=64, overlap=False, decode_burst=1) as engine:
-        return _run(engine)
+        return _run(engine, pool_at_rest)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("num_pages", [64, 9])  # 9 pages of 16 tokens: preemptions
-def test_bursts_give_one_token_steps_outputs(unbursted: list, overlap: bool, num_pages: int) -> None:
+def test_bursts_give_one_token_steps_outputs(unbursted: list, overlap: bool, num_pages: int, pool_at_rest,  # noqa: ANN001
+                                             eager_graphs) -> None:  # noqa: ANN001
     with Engine(**ENGINE, num_pages=num_pages, overlap=overlap, decode_burst=4, decode_burst_min_batch=2) as engine:
-        runner = engine._loop.runner
-        config = engine.model_config
-        engine.call_on_loop(lambda: runner.enable_cuda_graphs(
-            max_bs=8, max_model_len=engine.max_model_len, dummy_page=engine.kv_cache.num_pages - 1,
-            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, use_graphs=False, max_steps=4))
-        got = _run(engine)
+        runner = eager_graphs(engine, max_bs=8, max_steps=4)
+        got = _run(engine, pool_at_rest)
         assert runner.burst_launches > 0
         if num_pages == 9:
             assert engine.stats().preemptions > 0
