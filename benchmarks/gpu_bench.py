@@ -376,14 +376,18 @@ def sec_engine_workloads(source: str, args: argparse.Namespace, subset: list[Ben
     """gsp (full and the peer's subset), cached-prefix TTFT, host overhead, random: one engine."""
     t0 = time.perf_counter()
     engine = Engine(model=source, load_format="dummy", page_size=16, max_running=args.max_running,
-                    max_batch_tokens=8192, max_model_len=16384, kv_cache_bytes=args.kv_gb << 30)
+                    max_batch_tokens=args.max_batch_tokens, max_model_len=16384, kv_cache_bytes=args.kv_gb << 30)
+    kv_gib = sum(t.numel() * t.element_size() for t in engine.kv_cache.k + engine.kv_cache.v) / 2**30
     add("engine", "llama-1b engine start (dummy weights, graph capture)", f"{time.perf_counter() - t0:.1f} s",
         note=f"CUDA graphs {engine.cuda_graphs}, overlap {engine.overlap}, "
-             f"{len(engine._loop.runner.graphs.sizes) if engine.cuda_graphs else 0} batch sizes x (plain, cascade)")
+             f"{len(engine._loop.runner.graphs.sizes) if engine.cuda_graphs else 0} batch sizes x (plain, cascade); "
+             f"GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.1f} GiB, of it KV {kv_gib:.1f} GiB")
     runner = engine._loop.runner
     try:
-        warm_up(engine, gsp(GSPShape(len(subset) // 16 or 1, 16, shape.prefix_len, shape.question_len, 8),
-                            VOCAB_RANGE, seed=99))
+        # Both timed shapes (the subset, the full gsp), 8 output tokens each: prefill chunks of
+        # the full gsp pick extend tiles the subset's do not (one compile each, ~1 s of TTFT).
+        warm_up(engine, [gsp(GSPShape(groups, 16, shape.prefix_len, shape.question_len, 8), VOCAB_RANGE, seed=99)
+                         for groups in (len(subset) // 16 or 1, shape.groups)])
         # ---- the peer's subset, then the full gsp
         sub = run_radixserve(engine, subset, name="gsp-subset")
         engine.wait_idle()
@@ -425,16 +429,19 @@ def sec_engine_workloads(source: str, args: argparse.Namespace, subset: list[Ben
                      f"{b['decode_bytes'] / 1e12:.2f} TB -> {b['decode_s']:.2f} s")
             add("gsp", f"achieved fraction of the bound ({label})", f"{frac:.2f}", ">= 0.6", frac >= 0.6, ratio=True)
 
-        if budget_end_s is None or elapsed() < budget_end_s:
+        def wanted(section: str) -> bool:
+            return section in args.engine_sections and (budget_end_s is None or elapsed() < budget_end_s)
+
+        if wanted("steps"):
             _flush_tree(engine)
             gsp_step_split(engine, gsp(shape, VOCAB_RANGE, seed=2), "gsp")
             _flush_tree(engine)
             gsp_step_split(engine, subset, "peer's subset")
-        if budget_end_s is None or elapsed() < budget_end_s:
+        if wanted("ttft"):
             sec_ttft(engine)
-        if budget_end_s is None or elapsed() < budget_end_s:
+        if wanted("overhead"):
             sec_overhead(engine, quick=args.quick)
-        if args.random_requests and (budget_end_s is None or elapsed() < budget_end_s):
+        if args.random_requests and wanted("random"):
             sec_random(engine, args.random_requests)
     finally:
         free_engine(engine)
@@ -458,7 +465,14 @@ def gsp_step_split(engine: Engine, reqs: list[BenchRequest], label: str) -> None
     """A gsp run once more with device events around every step: where its time goes, decode steps
     (graph replays) apart from the steps that prefill (eager). Host = the engine thread's own
     work per step, wait = blocked on a readback, device = the step's span on the GPU."""
-    m, d = timed_run(engine, reqs, "gsp-profiled", events=True)
+    loop = engine._loop
+    engine.call_on_loop(lambda: setattr(loop, "trace", []))
+    with GCPauses() as gc_pauses:
+        m, d = timed_run(engine, reqs, "gsp-profiled", events=True)
+    trace = engine.call_on_loop(lambda: loop.trace)
+    engine.call_on_loop(lambda: setattr(loop, "trace", None))
+    print_idle_gaps(label, trace)
+    print(f"   {label}: {gc_pauses}", flush=True)
     n_dec, n_other = d.decode_steps, d.steps - d.decode_steps
     p_dec, p_other = d.profiled_decode_steps, d.profiled_steps - d.profiled_decode_steps
     host_other, dev_other = d.host_s - d.decode_host_s, d.device_s - d.decode_device_s
@@ -469,17 +483,64 @@ def gsp_step_split(engine: Engine, reqs: list[BenchRequest], label: str) -> None
     add("gsp-steps", f"{label}: decode launches (a burst is one): count, host / wait / device ms per launch "
         f"({m.wall_s:.2f} s run, events on)",
         f"{n_dec}: {per(d.decode_host_s, n_dec)} / {per(d.decode_wait_s, n_dec)} / {per(d.decode_device_s, p_dec)}",
-        note=f"sums: host {d.decode_host_s:.2f} s, wait {d.decode_wait_s:.2f} s, device {d.decode_device_s:.2f} s")
+        note=f"sums: host {d.decode_host_s:.2f} s, wait {d.decode_wait_s:.2f} s, device {d.decode_device_s:.2f} s, "
+             f"device idle before them {d.decode_idle_s:.2f} s")
     add("gsp-steps", f"{label}: prefill and mixed steps: count, host / wait / device ms per step",
         f"{n_other}: {per(host_other, n_other)} / {per(d.wait_s - d.decode_wait_s, n_other)} / "
         f"{per(dev_other, p_other)}",
-        note=f"sums: host {host_other:.2f} s, device {dev_other:.2f} s")
+        note=f"sums: host {host_other:.2f} s, device {dev_other:.2f} s, "
+             f"device idle before them {d.idle_s - d.decode_idle_s:.2f} s")
 
 
-def warm_up(engine: Engine, like: list[BenchRequest]) -> None:
+class GCPauses:
+    """Python's garbage-collector pauses (any thread) while the block runs, by generation."""
+
+    def __enter__(self) -> "GCPauses":
+        self.pauses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._t0))
+
+    def __str__(self) -> str:
+        parts = []
+        for gen in (0, 1, 2):
+            xs = [dt for g, dt in self.pauses if g == gen]
+            if xs:
+                parts.append(f"gen{gen} {len(xs)} x, {sum(xs) * 1e3:.1f} ms, longest {max(xs) * 1e3:.1f} ms")
+        return "GC pauses: " + ("; ".join(parts) or "none")
+
+
+def print_idle_gaps(label: str, trace: list) -> None:  # list[StepTrace]
+    """Where the device waited on the host between steps: idle seconds by (step before, step
+    after) kind, and the longest gaps."""
+    def kind(t) -> str:  # noqa: ANN001
+        return f"burst {t.burst}" if t.burst > 1 else ("decode" if t.decode else "prefill/mixed")
+
+    by_pair: dict[str, list[float]] = {}
+    for before, after in zip(trace, trace[1:]):
+        by_pair.setdefault(f"{kind(before)} -> {kind(after)}", []).append(after.idle_s)
+    print(f"   {label}: device idle between steps, by kind (count, idle s, longest ms):", flush=True)
+    for pair, gaps in sorted(by_pair.items(), key=lambda kv: -sum(kv[1])):
+        print(f"     {pair:36s} {len(gaps):4d} {sum(gaps):7.3f} {max(gaps) * 1e3:8.2f}")
+    longest = sorted(range(1, len(trace)), key=lambda i: -trace[i].idle_s)[:8]
+    print("   longest gaps (step index, ms idle, rows, kind; span ms):", ", ".join(
+        f"{i}: {trace[i].idle_s * 1e3:.1f} {trace[i].rows} {kind(trace[i])}; {trace[i].device_s * 1e3:.1f}"
+        for i in sorted(longest)), flush=True)
+
+
+def warm_up(engine: Engine, like: list[list[BenchRequest]]) -> None:
     """Compile what graph capture did not (prefill kernels, one specialization per tile config
-    and shape class) before anything is timed: assorted prompts, then `like` (requests shaped
-    like the timed ones, on other prompts)."""
+    and shape class) before anything is timed: assorted prompts, then each run of `like`
+    (requests shaped like the timed ones, on other prompts)."""
     rng = random.Random(1234)
     shared = random_ids(rng, 1024, *VOCAB_RANGE)
     prompts = [random_ids(rng, n, *VOCAB_RANGE) for n in (3000, 700, 90, 5)]
@@ -488,9 +549,10 @@ def warm_up(engine: Engine, like: list[BenchRequest]) -> None:
     engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     engine.wait_idle()
     _flush_tree(engine)
-    run_radixserve(engine, like, name="warm-up")
-    engine.wait_idle()
-    _flush_tree(engine)
+    for reqs in like:
+        run_radixserve(engine, reqs, name="warm-up")
+        engine.wait_idle()
+        _flush_tree(engine)
     print(f"   engine warm-up {time.perf_counter() - t0:.1f} s", flush=True)
 
 
@@ -680,6 +742,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-groups", type=int, default=2, help="gsp groups the transformers peer runs")
     parser.add_argument("--random-requests", type=int, default=3000, help="over six alternating runs")
     parser.add_argument("--max-running", type=int, default=1024)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="the engine's per-step token budget")
+    parser.add_argument("--engine-sections", default="steps,ttft,overhead,random",
+                        help="what the engine section runs after gsp")
     parser.add_argument("--kv-gb", type=int, default=24)
     parser.add_argument("--budget-s", type=float, default=None, help="skip sections that start later")
     parser.add_argument("--tests-log", type=Path, default=None)

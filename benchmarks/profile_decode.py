@@ -3,6 +3,7 @@
     python benchmarks/profile_decode.py                       # llama-1b, gsp-like batches
     python benchmarks/profile_decode.py --model llama-8b --batches 64
     python benchmarks/profile_decode.py --batches 32,1024 --burst 8   # + a decode burst of 8
+    python benchmarks/profile_decode.py --batches 1024 --two-streams  # + two half batches at once
 
 Builds the engine's decode graphs (plain and shared-prefix) for a gsp-like batch: groups of 16
 requests sharing a 2048-token prefix, each with 128 question tokens plus 128 generated ones of
@@ -85,6 +86,52 @@ def burst_ms(graphs: DecodeGraphs, rows: DecodeRows, groups: list, steps: int) -
     return ms, {name: us / steps for name, us in kernels.items()}
 
 
+def two_streams_ms(model, cfg, kv: KVCache, rows: DecodeRows, groups: list, max_model_len: int,  # noqa: ANN001
+                   dummy_page: int, offsets_ms: tuple[float, ...]) -> list[tuple[str, float]]:
+    """Does a decode batch run faster as two half batches on two streams (one half's
+    compute-bound GEMMs beside the other's bandwidth-bound attention) than as one graph?
+    Each half is its own graph set (own static buffers and memory pool); the second half's
+    stream may start later by `offsets_ms` (a sleep kernel) to put the halves out of phase.
+    Returns (label, ms) rows: each half alone, both in sequence, both at once per offset."""
+    half = len(rows) // 2
+    cut = next(i for i, g in enumerate(groups) if g[0] >= half)
+    parts = []
+    for lo, hi, gs in ((0, groups[cut][0], groups[:cut]), (groups[cut][0], len(rows), groups[cut:])):
+        sub = DecodeRows(rows.token_ids[lo:hi], rows.seq_lens[lo:hi], rows.pages[lo:hi])
+        g = DecodeGraphs(model, kv, max_bs=hi - lo, max_model_len=max_model_len, dummy_page=dummy_page,
+                         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, cascade=True, sizes=[hi - lo])
+        g.capture()
+        with torch.inference_mode():
+            g.run(sub, [(a - lo, b - lo, n) for a, b, n in gs])
+        parts.append(g)  # the graph reads this object's static buffers: keep it alive
+    a, b = (g._graphs[(g.max_bs, True)] for g in parts)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    cycles_per_ms = torch.cuda.get_device_properties(0).clock_rate  # kHz = cycles per ms
+
+    def together(offset_ms: float) -> None:
+        cur = torch.cuda.current_stream()
+        s1.wait_stream(cur)
+        s2.wait_stream(cur)
+        with torch.cuda.stream(s1):
+            a.replay()
+        with torch.cuda.stream(s2):
+            if offset_ms:
+                torch.cuda._sleep(int(offset_ms * cycles_per_ms))
+            b.replay()
+        cur.wait_stream(s1)
+        cur.wait_stream(s2)
+
+    out = [(f"first half ({groups[cut][0]} rows) alone", bench_ms(a.replay, reps=30, warmup=3))]
+    out.append(("both halves in sequence, one stream", bench_ms(lambda: (a.replay(), b.replay()), reps=30)))
+    if offsets_ms and offsets_ms[0]:
+        out.append(("sleep kernel alone (offset %.2f ms)" % offsets_ms[0],
+                    bench_ms(lambda: torch.cuda._sleep(int(offsets_ms[0] * cycles_per_ms)), reps=10)))
+    for off in offsets_ms:
+        out.append((f"both halves at once, two streams, second {off:.2f} ms later",
+                    bench_ms(lambda off=off: together(off), reps=30)))
+    return out
+
+
 def short(name: str) -> str:
     for key in ("gemm", "gemv", "splitK", "Kernel2", "sm90_xmma", "cutlass"):
         if key in name:
@@ -99,6 +146,8 @@ def main() -> int:
     ap.add_argument("--prefix", type=int, default=2048)
     ap.add_argument("--own", type=int, default=256)
     ap.add_argument("--burst", type=int, default=8, help="also time cascade decode bursts of this many steps")
+    ap.add_argument("--two-streams", action="store_true",
+                    help="also time each batch as two half batches replayed on two streams at once")
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     cfg = NAMED_SHAPES[args.model]
@@ -155,6 +204,11 @@ def main() -> int:
             for name, us in sorted(extra.items(), key=lambda kv_: -kv_[1])[:6]:
                 print(f"   {us:9.1f} us  {name}")
             summary.append((label, per_step, floor_ms))
+        if args.two_streams:
+            max_len = args.prefix + args.own + args.burst + PAGE
+            for label, ms in two_streams_ms(model, cfg, kv, rows, groups, max_len, num_pages - 1,
+                                            (0.0, 0.1, 0.2, 0.3)):
+                summary.append((f"batch {bs} cascade: {label}", ms, floor_ms))
     print("\n| step | replay ms | byte floor ms | fraction |\n|---|---|---|---|")
     for label, ms, floor_ms in summary:
         print(f"| {label} | {ms:.3f} | {floor_ms:.3f} | {floor_ms / ms:.2f} |")

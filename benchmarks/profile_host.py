@@ -111,12 +111,14 @@ def main() -> int:
     args = ap.parse_args()
     extra = {k: int(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
     cuda = args.device != "cpu" and torch.cuda.is_available()
+    settings = dict(page_size=16, max_running=args.max_running, max_batch_tokens=16384,
+                    max_model_len=max(4096 if cuda else 0, args.prefix + args.question + args.out_len + 64))
     engine = Engine(model=model_source(args.model, args.tokenizer_dir), load_format="dummy", device=args.device,
-                    page_size=16, max_running=args.max_running, max_batch_tokens=8192,
-                    max_model_len=max(4096 if cuda else 0, args.prefix + args.question + args.out_len + 64), **extra)
+                    **(settings | extra))
     shape = GSPShape(args.groups, 16, args.prefix, args.question, args.out_len)
     if cuda:  # compile the Triton kernels that graph capture did not (warm_up sends 3000-token prompts)
-        warm_up(engine, gsp(GSPShape(min(args.groups, 2), 16, args.prefix, args.question, 8), VOCAB_RANGE, seed=99))
+        warm_up(engine, [gsp(GSPShape(groups, 16, args.prefix, args.question, 8), VOCAB_RANGE, seed=99)
+                         for groups in sorted({min(args.groups, 2), args.groups})])
     reqs = gsp(shape, VOCAB_RANGE, seed=1)
     loop = engine._loop
     # cProfile (Python 3.12) sees every thread: hold the engine thread until every request is

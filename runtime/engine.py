@@ -10,6 +10,7 @@ engine thread (`EngineLoop`), which owns all scheduling state. Results come back
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import threading
@@ -144,6 +145,8 @@ class Engine:
             overlap=self.overlap, burst=BurstPolicy(config.decode_burst, config.decode_burst_min_batch),
         )
         self._ids = itertools.count()
+        if on_cuda:
+            _tune_gc()
         self._thread = threading.Thread(target=self._loop.run_forever, name="radixserve-engine", daemon=True)
         self._thread.start()
         logger.info(
@@ -423,6 +426,30 @@ class _Collector:
             cached_tokens=self.cached_tokens,
             prompt_logprobs=self.prompt_logprobs,
         )
+
+
+# The collector's first-generation threshold while an engine serves on a GPU (CPython's default
+# is 700 container allocations).
+GC_GEN0_THRESHOLD = 50_000
+
+
+def _tune_gc() -> None:
+    """Keep Python's garbage collector from stalling the engine thread (and the device with it).
+
+    Everything alive at start-up (model, tokenizer, Triton and torch internals) lives as long
+    as the engine: frozen, it is out of every later collection's scan. And serving allocates
+    containers at a high rate (requests, deltas, token lists; few of them in cycles), which at
+    the default threshold means a young collection every few hundred allocations and, through
+    them, full ones. Measured on gsp on the H100 (4.7 s): 241 young, 22 middle and one full
+    collection of 342 ms before; the full ones fell to 94 ms with the freeze alone. vLLM
+    freezes likewise. Process-wide settings: applied once, when a GPU engine starts."""
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    if 0 < gen0 < GC_GEN0_THRESHOLD:
+        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+        logger.info("garbage collector: start-up objects frozen, young-generation threshold %d -> %d",
+                    gen0, GC_GEN0_THRESHOLD)
 
 
 def _pick_device(name: str) -> torch.device:

@@ -48,7 +48,7 @@ from collections import deque
 from dataclasses import dataclass, fields
 from concurrent.futures import Future
 from itertools import repeat
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from radixserve.runtime.model_runner import Carry, ModelRunner, PendingStep, StepOutput
 from radixserve.runtime.output_processor import (
@@ -60,6 +60,9 @@ from radixserve.runtime.output_processor import (
 from radixserve.runtime.outputs import FinishReason, StreamDelta
 from radixserve.runtime.request import Request, RequestStatus
 from radixserve.runtime.scheduler import ScheduledBatch, Scheduler
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +132,13 @@ class LoopTiming:
     decode_host_s: float = 0.0
     decode_wait_s: float = 0.0
     synced_steps: int = 0  # overlapped loop only: steps that had to fold before scheduling
-    # With runner.profile on CUDA: device time of the folded steps (events around each step).
+    # With runner.profile on CUDA: device time of the folded steps (events around each step),
+    # and the device's idle time between consecutive profiled steps (from one step's end to
+    # the next one's start: the host had not begun launching it yet), by the later step's kind.
     device_s: float = 0.0
     decode_device_s: float = 0.0
+    idle_s: float = 0.0
+    decode_idle_s: float = 0.0
     profiled_steps: int = 0
     profiled_decode_steps: int = 0
 
@@ -141,6 +148,17 @@ class LoopTiming:
     def since(self, before: "LoopTiming") -> "LoopTiming":
         """What accrued between `before` (an earlier snapshot) and this one."""
         return LoopTiming(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One profiled step on the device: the idle gap before it, its span (seconds), its rows."""
+
+    idle_s: float
+    device_s: float
+    rows: int
+    burst: int
+    decode: bool
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,9 @@ class EngineLoop:
         self.burst = burst
         self.timing = LoopTiming()
         self._inflight: PendingStep | None = None
+        self._last_end: torch.cuda.Event | None = None  # the last profiled step's end (LoopTiming)
+        # Benchmarks: a list here gets one StepTrace per profiled step.
+        self.trace: list[StepTrace] | None = None
         self.inbox = Inbox()
         self.last_beat = time.monotonic()
         self.busy_since: float | None = None
@@ -180,6 +201,7 @@ class EngineLoop:
                 self.last_beat = time.monotonic()
                 self._apply(self.inbox.drain())
                 if not self.scheduler.has_work() and self._inflight is None:
+                    self._last_end = None  # idle with nothing to do: not a gap between steps
                     self.inbox.wait(timeout=0.5)
                     continue
                 self.busy_since = time.monotonic()
@@ -345,13 +367,29 @@ class EngineLoop:
             return pending.wait_s
         self._postprocess(pending.batch, out)
         if pending.device_s is not None:
-            t = self.timing
-            t.device_s += pending.device_s
-            t.profiled_steps += 1
-            if pending.batch.all_decode:
-                t.decode_device_s += pending.device_s
-                t.profiled_decode_steps += 1
+            self._time_device(pending)
+        else:
+            self._last_end = None
         return pending.wait_s
+
+    def _time_device(self, pending: PendingStep) -> None:
+        """Add a profiled step's device span, and the idle gap before it, to `timing`."""
+        t = self.timing
+        decode = pending.batch.all_decode
+        gap = 0.0
+        if self._last_end is not None and pending.start_event is not None:
+            gap = max(0.0, self._last_end.elapsed_time(pending.start_event) / 1e3)
+        self._last_end = pending.event
+        t.device_s += pending.device_s or 0.0
+        t.idle_s += gap
+        t.profiled_steps += 1
+        if self.trace is not None:
+            batch = pending.batch
+            self.trace.append(StepTrace(gap, pending.device_s or 0.0, len(batch.seqs), batch.burst, decode))
+        if decode:
+            t.decode_device_s += pending.device_s or 0.0
+            t.decode_idle_s += gap
+            t.profiled_decode_steps += 1
 
     def _idle_wait(self) -> None:
         if self.scheduler.has_work() and not self.scheduler.running:

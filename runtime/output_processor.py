@@ -99,7 +99,7 @@ def _process(
         finish, stop_reason = "stop", (last if last in params.stop_token_ids else None)
 
     output_ids = req.output_ids
-    if len(new_ids) > 1:  # forced tokens or a burst never overrun max_tokens or the context
+    if len(new_ids) > 1:  # forced tokens or a burst: cut at max_tokens and the context
         budget = min(params.max_tokens - len(output_ids), limits.max_model_len - req.num_tokens)
         del new_ids[max(budget, 1) :]
         if new_logprobs is not None:

@@ -183,8 +183,11 @@ class Scheduler:
 
     def _burst_len(self, max_burst: int) -> int:
         """How many decode steps the running requests can take in one launch (1: no burst):
-        all decoding, none needing the host between tokens, none admissible waiting, and at
-        most the fewest tokens any of them may still generate."""
+        all decoding, none needing the host between tokens, none admissible waiting, and none
+        running past the context limit. A request may reach max_tokens inside the burst: the
+        fold drops its tokens past it (as it drops those past a stop token), and its rows'
+        extra steps cost less than the one-step launches the rest of the batch would fall
+        back to, each bound by the host at large batches."""
         if self.waiting and len(self.running) < self.config.max_running:
             return 1
         k = max_burst
@@ -195,7 +198,7 @@ class Scheduler:
             if (req.num_computed != num_tokens - 1 or req.matcher is not None or req.logprobs is not None
                     or p.uses_penalties):
                 return 1
-            k = min(k, p.max_tokens - len(req.output_ids), limit - num_tokens)
+            k = min(k, limit - num_tokens)
             if k < 2:
                 return 1
         return k

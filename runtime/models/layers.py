@@ -262,13 +262,20 @@ class ParallelLMHead(VocabParallelEmbedding, _PackableWeight):
     """The output projection hidden -> vocab logits, vocabulary-parallel like the embedding
     (with tp_size > 1 each rank computes its vocabulary range; the runner gathers them)."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """fp32 logits [rows, vocab]. On CUDA with 16-bit weights the matmul writes fp32 itself
-        (fp32 accumulation, no bf16 rounding of the logits): a separate `.float()` would read
-        and write the [rows, 128k] logits once more (~0.1-0.2 ms a step at 256-512 rows on an H100)."""
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """fp32 logits [rows, vocab], into `out` when given. On CUDA with 16-bit weights the
+        matmul writes fp32 itself (fp32 accumulation, no bf16 rounding of the logits): a
+        separate `.float()` would read and write the [rows, 128k] logits once more (~0.1-0.2 ms
+        a step at 256-512 rows on an H100)."""
         if self.parallel.tp_size != 1:
             raise NotImplementedError("vocab-parallel logits gather (tp_size > 1) is not wired up yet")
         w = self.weight
+        if out is not None and (out.dtype != torch.float32 or out.shape != (hidden.shape[0], w.shape[0])):
+            raise ValueError(f"logits out must be float32 {(hidden.shape[0], w.shape[0])}, "
+                             f"got {out.dtype} {tuple(out.shape)}")
         if w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and _MM_WRITES_FP32:
-            return torch.mm(hidden, w.t(), out_dtype=torch.float32)
-        return self._matmul(hidden).float()
+            if out is None:
+                return torch.mm(hidden, w.t(), out_dtype=torch.float32)
+            return torch.mm(hidden, w.t(), out_dtype=torch.float32, out=out)
+        logits = self._matmul(hidden).float()
+        return logits if out is None else out.copy_(logits)

@@ -212,9 +212,11 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         ).to(device=device if device is not None else "cpu")
 
-    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache, logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the `batch.logits_indices` rows; written into `logits_out` (fp32, that
+        shape) when given, which is returned (CUDA graphs of every batch size share one)."""
         hidden = self.model(batch, kv_cache, self.cos_sin_cache)
-        return self.lm_head(hidden)
+        return self.lm_head(hidden, out=logits_out)
 
     # ------------------------------------------------------------------------- weight loading
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import pytest
 
 from radixserve.runtime import Engine, SamplingParams
+from radixserve.runtime.config import EngineConfig
 from radixserve.runtime.cuda_graphs import DecodeRows, build_host_inputs
 from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces
 from radixserve.runtime.output_processor import OutputLimits, process_sampled_burst, process_sampled_token
 from radixserve.runtime.request import Request
+from radixserve.runtime.scheduler import Scheduler
 
 # ------------------------------------------------------------------ host inputs of a burst
 
@@ -40,6 +42,33 @@ def test_burst_host_inputs_hold_every_step() -> None:
     assert host.i64[7, :2].tolist() == [7 * 4 + 3, 21 * 4 + 0]  # step 3: positions 11 and 12
     with pytest.raises(ValueError):  # the row lacks the page its second step writes
         build_host_inputs(DecodeRows([1], [8], [[5, 6]]), None, 1, max_bs, page, dummy_slot, steps=2)
+
+
+def test_burst_length_stops_at_the_context_limit_not_at_max_tokens() -> None:
+    """A request one token from max_tokens does not shorten the batch's burst (the fold cuts
+    its tokens past it); one near the context limit does, and the burst's KV pages are
+    reserved for every step."""
+    config = EngineConfig(page_size=4, max_running=4, max_batch_tokens=64, max_model_len=20)
+    scheduler = Scheduler(config, num_pages=32)
+    short = Request("short", 0, [5, 6, 7], SamplingParams(max_tokens=2, temperature=0), lambda d: None)
+    long = Request("long", 0, [8, 9, 10, 11], SamplingParams(max_tokens=100, temperature=0), lambda d: None)
+    for req in (short, long):
+        scheduler.add(req)
+    batch = scheduler.schedule(max_burst=8)  # the prefill of both: no burst
+    assert batch.burst == 1
+    scheduler.postprocess_computed(batch)
+    for req in (short, long):
+        req.output_ids.append(1)
+    batch = scheduler.schedule(max_burst=8)
+    assert batch.burst == 8 and batch.all_decode
+    for seq in batch.seqs:  # pages for the burst's eight tokens
+        assert len(seq.request.pages) * 4 >= seq.request.num_computed + 8
+    scheduler.postprocess_computed(batch)
+    for req in (short, long):
+        req.output_ids.extend([1] * 8)
+    # long holds 4 + 9 tokens: 7 more reach max_model_len (20). short is past max_tokens.
+    assert scheduler.schedule(max_burst=8).burst == 7
+    scheduler.check_integrity()
 
 
 # ------------------------------------------------------------------ folding a burst's tokens

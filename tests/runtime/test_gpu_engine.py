@@ -139,7 +139,7 @@ class _AttentionOnly(torch.nn.Module):
         self.q, self.sm_scale = q, sm_scale
         self.decode, self.cascade = decode_attention, shared_prefix_decode_attention
 
-    def forward(self, batch, kv_cache):  # noqa: ANN001, ANN201
+    def forward(self, batch, kv_cache, logits_out=None):  # noqa: ANN001, ANN201
         q = self.q[: batch.input_ids.shape[0]]
         k_cache, v_cache = kv_cache.layer(0)
         c = batch.cascade
@@ -149,7 +149,8 @@ class _AttentionOnly(torch.nn.Module):
             o = self.cascade(q, k_cache, v_cache, c.prefix_page_table, c.prefix_lens, c.cu_groups,
                              c.suffix_page_table, c.suffix_lens, self.sm_scale, c.max_prefix_len,
                              c.max_suffix_len, c.max_group_size)
-        return o.float().flatten(1)
+        o = o.float().flatten(1)
+        return o if logits_out is None else logits_out.copy_(o)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["plain", "cascade"])

@@ -244,3 +244,22 @@ def test_config_is_frozen_and_owns_its_rope_dict():
     with pytest.raises(Exception):
         cfg.hidden_size = 3  # type: ignore[misc]
     hash(cfg)
+
+
+def test_lm_head_writes_logits_into_a_given_buffer():
+    """CUDA graphs of every batch size share one logits buffer: the LM head writes there (and
+    returns it), the same logits as without it, and refuses a buffer of the wrong shape or type."""
+    from radixserve.runtime.models.layers import ParallelLMHead
+
+    head = ParallelLMHead(50, 8, dtype=torch.float32)
+    torch.nn.init.normal_(head.weight)
+    hidden = torch.randn(3, 8)
+    buf = torch.full((5, 50), float("nan"))
+    out = head(hidden, out=buf[:3])
+    assert out.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf[:3], head(hidden))
+    assert buf[3:].isnan().all()
+    with pytest.raises(ValueError, match="float32"):
+        head(hidden, out=torch.empty(3, 50, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float32"):
+        head(hidden, out=buf[:2])
