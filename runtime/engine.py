@@ -201,7 +201,11 @@ class Engine:
         *,
         cache_salt: str | None = None,
     ) -> GenerateResult | list[GenerateResult]:
-        """Run prompts to completion and return their results (a list for a list of prompts)."""
+        """Run prompts to completion and return their results (a list for a list of prompts).
+
+        Every prompt is validated before any is queued, and all reach the engine thread in one
+        command: the first step sees them all, so how they are batched does not depend on
+        thread timing (greedy outputs repeat from run to run)."""
         single = isinstance(prompts, str) or (
             len(prompts) > 0 and isinstance(prompts[0], int)  # type: ignore[index]
         )
@@ -213,10 +217,18 @@ class Engine:
             if len(param_list) != len(batch):
                 raise ValueError(f"{len(batch)} prompts but {len(param_list)} sampling params")
         collectors = [_Collector(p.n) for p in param_list]
+        requests: list[Request] = []
         submitted: list[str] = []
+        for prompt, p, collector in zip(batch, param_list, collectors):
+            continuations = self._prepare(prompt, p, collector.add, None, cache_salt)
+            submitted.append(continuations[0].request_id)
+            requests.extend(continuations)
+        if len(requests) > self.config.max_waiting:
+            raise InvalidParams("prompts", f"{len(requests)} sequences (prompts x n) are over the engine's "
+                                           f"queue limit of {self.config.max_waiting} (max_waiting)")
+        self._check_capacity(len(requests))
+        self._loop.inbox.put(AddRequests(tuple(requests)))
         try:
-            for prompt, p, collector in zip(batch, param_list, collectors):
-                submitted.append(self.submit(prompt, p, on_delta=collector.add, cache_salt=cache_salt))
             results = [c.wait(rid) for c, rid in zip(collectors, submitted)]
         except BaseException:
             for rid in submitted:

@@ -130,6 +130,22 @@ def test_rejections_are_clear(engine_p1: Engine) -> None:
         SamplingParams(top_p=0)
 
 
+def test_generate_queues_its_prompts_together(engine_p16: Engine, pool_at_rest) -> None:
+    """All prompts of one generate call reach the first step together (the batching, and so
+    the outputs, do not depend on thread timing); one bad prompt queues none of them."""
+    prompts = [f"Prompt number {i} is here." for i in range(6)]
+    before = engine_p16.stats().steps
+    results = engine_p16.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
+    assert all(len(r.outputs[0].token_ids) == 1 for r in results)
+    assert engine_p16.stats().steps - before == 1  # one prefill step sampled every first token
+    before = engine_p16.stats().steps
+    with pytest.raises(InvalidParams, match="prompt"):
+        engine_p16.generate(prompts[:3] + [""], SamplingParams(max_tokens=4))
+    engine_p16.wait_idle()
+    assert engine_p16.stats().steps == before
+    pool_at_rest(engine_p16)
+
+
 def test_multi_turn_reuses_generated_tokens(engine_p1: Engine) -> None:
     tok = engine_p1.tokenizer
     history = [{"role": "user", "content": "Tell me a short fact about the moon."}]
