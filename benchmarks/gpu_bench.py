@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.harness import RunMetrics, percentile, run_radixserve  # noqa: E402
 from benchmarks.workloads import GSPShape, BenchRequest, gsp, gsp_optimal_hit_tokens, random_ids  # noqa: E402
 from radixserve.runtime import Engine, SamplingParams  # noqa: E402
-from radixserve.runtime.engine_loop import LoopTiming  # noqa: E402
+from radixserve.runtime.engine_loop import LoopTiming, StepTrace  # noqa: E402
 from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows  # noqa: E402
 from radixserve.runtime.kv_cache import KVCache  # noqa: E402
 from radixserve.runtime.loader import ResolvedModel, load_model  # noqa: E402
@@ -519,10 +519,10 @@ class GCPauses:
         return "GC pauses: " + ("; ".join(parts) or "none")
 
 
-def print_idle_gaps(label: str, trace: list) -> None:  # list[StepTrace]
+def print_idle_gaps(label: str, trace: list[StepTrace]) -> None:
     """Where the device waited on the host between steps: idle seconds by (step before, step
     after) kind, and the longest gaps."""
-    def kind(t) -> str:  # noqa: ANN001
+    def kind(t: StepTrace) -> str:
         return f"burst {t.burst}" if t.burst > 1 else ("decode" if t.decode else "prefill/mixed")
 
     by_pair: dict[str, list[float]] = {}

@@ -31,7 +31,7 @@ from benchmarks.gpu_bench import bench_ms, copy_bandwidth, decode_weight_bytes, 
 from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows  # noqa: E402
 from radixserve.runtime.kv_cache import KVCache  # noqa: E402
 from radixserve.runtime.loader import ResolvedModel, load_model  # noqa: E402
-from radixserve.runtime.model_config import NAMED_SHAPES  # noqa: E402
+from radixserve.runtime.model_config import NAMED_SHAPES, ModelConfig  # noqa: E402
 
 PAGE = 16
 
@@ -86,13 +86,13 @@ def burst_ms(graphs: DecodeGraphs, rows: DecodeRows, groups: list, steps: int) -
     return ms, {name: us / steps for name, us in kernels.items()}
 
 
-def two_streams_ms(model, cfg, kv: KVCache, rows: DecodeRows, groups: list, max_model_len: int,  # noqa: ANN001
-                   dummy_page: int, offsets_ms: tuple[float, ...]) -> list[tuple[str, float]]:
+def two_streams_ms(model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, rows: DecodeRows, groups: list,
+                   max_model_len: int, dummy_page: int, offsets_ms: tuple[float, ...]) -> list[tuple[str, float]]:
     """Does a decode batch run faster as two half batches on two streams (one half's
     compute-bound GEMMs beside the other's bandwidth-bound attention) than as one graph?
     Each half is its own graph set (own static buffers and memory pool); the second half's
     stream may start later by `offsets_ms` (a sleep kernel) to put the halves out of phase.
-    Returns (label, ms) rows: each half alone, both in sequence, both at once per offset."""
+    Returns (label, ms) rows: the first half alone, both in sequence, both at once per offset."""
     half = len(rows) // 2
     cut = next(i for i, g in enumerate(groups) if g[0] >= half)
     parts = []

@@ -5,12 +5,17 @@
     python benchmarks/profile_host.py --groups 2 --prefill-kernels 8   # + kernels of a prefill
     python benchmarks/profile_host.py --model tiny-llama --device cpu --groups 2   # a smoke run
 
-On the GPU the engine is bound by its own thread at large batches (benchmarks/RESULTS.md,
-`gsp-steps` rows): this runs gsp once to warm up, then once more with a fresh cProfile around
-every engine step (the engine thread held until every request is queued), and prints the functions with the most own time over the decode steps (every
-row adds one token: graph replays) and over the other steps (prefill chunks, alone or mixed
-with decode rows), each beside the steps' count and host time per step. cProfile slows Python
-down (roughly 1.5-2x), so read the shares, not the absolute times.
+    python benchmarks/profile_host.py --groups 64 --max-running 1024 \
+        --engine-arg kv_cache_bytes=25769803776                # the GPU bench's gsp and KV size
+
+Where the engine thread's time goes when it bounds a step (benchmarks/RESULTS.md, `gsp-steps`
+rows): this warms up on gsp-shaped requests, then runs gsp with a fresh cProfile around every
+engine step (the engine thread held until every request is queued), and prints the functions
+with the most own time over the decode steps (every row adds one token: graph replays) and
+over the other steps (prefill chunks, alone or mixed with decode rows), each beside the steps'
+count and host time per step. cProfile slows Python down (roughly 1.5-2x), so read the shares,
+not the absolute times. Python 3.12 profiles every thread, and a garbage-collector pause lands
+in whatever function was running: `gpu_bench.py`'s step split reports GC pauses on their own.
 """
 
 from __future__ import annotations

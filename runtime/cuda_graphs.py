@@ -319,10 +319,9 @@ class DecodeGraphs:
         self._cu_extend = torch.arange(m + 1, dtype=torch.int32, device=dev)
         self._rows = torch.arange(m, dtype=torch.int64, device=dev)
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
-        # Every graph writes its logits into rows of one buffer (the largest graph's output):
-        # one [max_bs, vocab] fp32 for all captures instead of one each (~10.6 GB for the 66
-        # graphs of llama-1b at max_bs 1024). Replays consume their logits in stream order.
+        # Every graph writes its logits into the first `bucket` rows of one buffer (the largest
+        # graph's output): one [max_bs, vocab] fp32 for all captures instead of one each (~10.6
+        # GB for the 66 graphs of llama-1b at max_bs 1024). Replays consume them in stream order.
         self._logits: torch.Tensor | None = None
         self._pool = None
         self.replays = 0
@@ -387,7 +386,6 @@ class DecodeGraphs:
                     if self._logits is None:
                         self._logits = out
                     self._graphs[(bucket, cascade)] = graph
-                    self._outputs[(bucket, cascade)] = out
         torch.cuda.synchronize(self.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self._graphs),
                     ",".join(map(str, self.sizes)), time.perf_counter() - t0)
@@ -456,7 +454,8 @@ class DecodeGraphs:
             if key not in self._graphs:
                 raise RuntimeError(f"no graph captured for batch size {bucket} (cascade={cascade})")
             self._graphs[key].replay()
-            return self._outputs[key]
+            assert self._logits is not None  # set by the first capture
+            return self._logits[:bucket]
         return self.model(self.forward_batch(bucket, cascade), self.kv_cache)
 
     def _upload(self, host: HostDecodeInputs) -> None:

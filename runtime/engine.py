@@ -187,8 +187,7 @@ class Engine:
         every continuation. Raises RequestRejected / InvalidParams / ConstraintError before
         anything is queued."""
         requests = self._prepare(prompt, params or SamplingParams(), on_delta, request_id, cache_salt)
-        self._check_capacity(len(requests))
-        self._loop.inbox.put(AddRequests(tuple(requests)))
+        self._enqueue(requests, "n")
         return requests[0].request_id
 
     def abort(self, request_id: str) -> None:
@@ -223,11 +222,7 @@ class Engine:
             continuations = self._prepare(prompt, p, collector.add, None, cache_salt)
             submitted.append(continuations[0].request_id)
             requests.extend(continuations)
-        if len(requests) > self.config.max_waiting:
-            raise InvalidParams("prompts", f"{len(requests)} sequences (prompts x n) are over the engine's "
-                                           f"queue limit of {self.config.max_waiting} (max_waiting)")
-        self._check_capacity(len(requests))
-        self._loop.inbox.put(AddRequests(tuple(requests)))
+        self._enqueue(requests, "prompts")
         try:
             results = [c.wait(rid) for c, rid in zip(collectors, submitted)]
         except BaseException:
@@ -379,13 +374,17 @@ class Engine:
             requests.append(req)
         return requests
 
-    def _check_capacity(self, count: int) -> None:
-        if count > self.config.max_waiting:
+    def _enqueue(self, requests: list[Request], param: str) -> None:
+        """Hand `requests` to the engine thread in one command, if the queue has room for all
+        of them; `param` names what set their number (n, or a generate call's prompts)."""
+        count, limit = len(requests), self.config.max_waiting
+        if count > limit:
             # Never admissible, however long the client waits: a 400, not a 503 to retry.
-            raise InvalidParams("n", f"n is {count}, over the engine's queue limit of {self.config.max_waiting} (max_waiting)")
+            raise InvalidParams(param, f"{count} sequences are over the engine's queue limit of {limit} (max_waiting)")
         waiting = len(self.scheduler.waiting) + self._loop.inbox.pending_requests()
-        if waiting + count > self.config.max_waiting:
-            raise QueueFull(self.config.max_waiting)
+        if waiting + count > limit:
+            raise QueueFull(limit)
+        self._loop.inbox.put(AddRequests(tuple(requests)))
 
 
 class _Collector:

@@ -374,20 +374,19 @@ class EngineLoop:
 
     def _time_device(self, pending: PendingStep) -> None:
         """Add a profiled step's device span, and the idle gap before it, to `timing`."""
-        t = self.timing
-        decode = pending.batch.all_decode
+        t, batch = self.timing, pending.batch
+        span = pending.device_s or 0.0
         gap = 0.0
         if self._last_end is not None and pending.start_event is not None:
             gap = max(0.0, self._last_end.elapsed_time(pending.start_event) / 1e3)
         self._last_end = pending.event
-        t.device_s += pending.device_s or 0.0
+        t.device_s += span
         t.idle_s += gap
         t.profiled_steps += 1
         if self.trace is not None:
-            batch = pending.batch
-            self.trace.append(StepTrace(gap, pending.device_s or 0.0, len(batch.seqs), batch.burst, decode))
-        if decode:
-            t.decode_device_s += pending.device_s or 0.0
+            self.trace.append(StepTrace(gap, span, len(batch.seqs), batch.burst, batch.all_decode))
+        if batch.all_decode:
+            t.decode_device_s += span
             t.decode_idle_s += gap
             t.profiled_decode_steps += 1
 

@@ -37,6 +37,7 @@ from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows
 from radixserve.runtime.forward_batch import SeqStep, build_forward_batch
 from radixserve.runtime.kv_cache import KVCache
 from radixserve.runtime.outputs import TokenLogprob
+from radixserve.runtime.request import Request
 from radixserve.runtime.sampler import SampleOutput, Sampler, SamplingBatch, prompt_logprobs
 from radixserve.runtime.scheduler import ScheduledBatch, ScheduledSeq
 
@@ -123,13 +124,11 @@ class PendingStep:
         out_t: list[int | None] = [None] * n
         out_l: list[TokenLogprob | None] = [None] * n
         out_p: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        out_b: list[tuple[int, ...] | None] | None = None if bursts is None else [None] * n
         for j, i in enumerate(self.order):
             out_t[i], out_l[i], out_p[i] = token_ids[j], logprobs[j], prompt_lps[j]
-        out_b: list[tuple[int, ...] | None] | None = None
-        if bursts is not None:
-            out_b = [None] * n
-            for j, i in enumerate(self.order):
-                out_b[i] = bursts[j]
+            if out_b is not None:
+                out_b[i] = bursts[j]  # type: ignore[index] - set with out_b
         return StepOutput(out_t, out_l, out_p, out_b)
 
 
@@ -378,7 +377,7 @@ class ModelRunner:
         return PendingStep(ScheduledBatch(()), None, sample_idx, device_tokens, host, event, prompt_lps,
                            sample_row, graph, start_event=start_event if event is not None else None, burst=burst)
 
-    def _sampling(self, reqs: list) -> Callable[[torch.Tensor], SampleOutput]:  # list[Request]
+    def _sampling(self, reqs: list[Request]) -> Callable[[torch.Tensor], SampleOutput]:
         """The step's sampling, as a function of the logits rows of `reqs` (a burst calls it
         once per step; seeded generators advance one draw per call, as in separate steps)."""
         penalized = any(r.params.uses_penalties for r in reqs)

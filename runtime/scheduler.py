@@ -16,11 +16,11 @@
 
 Decode bursts: when the caller allows it (`schedule(max_burst=k)`) and every running request is
 decoding with nothing that needs the host between tokens (no grammar, penalties or
-log-probabilities), nobody waits for admission, and each has at least k tokens of budget left
-(max_tokens, context), the batch runs k decode steps in one launch (`ScheduledBatch.burst`):
-pages are reserved for k tokens, each step's sampled token feeds the next on the device, and
-the host folds k tokens per request at once. A request that ends inside the burst (stop token,
-EOS, stop string) keeps the tokens up to its end; the KV computed past it is never cached.
+log-probabilities), nobody waits for admission, and none would pass the context limit, the
+batch runs k decode steps in one launch (`ScheduledBatch.burst`): pages are reserved for k
+tokens, each step's sampled token feeds the next on the device, and the host folds k tokens per
+request at once. A request that ends inside the burst (stop token, EOS, stop string,
+max_tokens) keeps the tokens up to its end; the KV computed past it is never cached.
 
 The scheduler touches only token ids and page indices; it never sees a tensor.
 """
