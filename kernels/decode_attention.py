@@ -4,7 +4,8 @@
 
 No causal mask is needed: the query is the last token and its own KV is already stored.
 
-Triton version: split-KV ("flash-decoding"), two kernels.
+Triton version: split-KV ("flash-decoding"), two kernels (one where S = 1: stage 1 then
+normalizes and writes o itself).
 
     stage 1, grid (B, Hkv, S):      request b, KV head h, split s
         tokens of b:  |-- split 0 --|-- split 1 --| ... |-- split S-1 --|   (each split is
@@ -146,15 +147,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_split_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr,
-        stride_qb, stride_qh, stride_pt, qk_scale,
+        q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, o_ptr,
+        stride_qb, stride_qh, stride_pt, stride_ob, stride_oh, qk_scale,
         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
         SPLIT_BASE: tl.constexpr, TOTAL_SPLITS: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
     ):
         # Writes partial results to columns SPLIT_BASE .. SPLIT_BASE + NUM_SPLITS - 1 of the
         # [B, Hq, TOTAL_SPLITS] scratch, so the cascade kernel can put its prefix parts beside.
+        # FINAL (one split): merges the scratch's columns 0 .. SPLIT_BASE - 1 (none for plain
+        # decode) into its own part and writes o itself; stage 2 is not launched.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
@@ -182,9 +185,29 @@ if HAS_TRITON:
         o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         # mid_o: [B, Hq, TOTAL_SPLITS, D] fp32, mid_lse: [B, Hq, TOTAL_SPLITS] fp32 (log2 units).
-        row = (b * (HKV * G) + heads).to(tl.int64) * TOTAL_SPLITS + SPLIT_BASE + s
-        tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=gmask[:, None] & dmask[None, :])
-        tl.store(mid_lse_ptr + row, lse, mask=gmask)
+        base = (b * (HKV * G) + heads).to(tl.int64) * TOTAL_SPLITS
+        io_mask = gmask[:, None] & dmask[None, :]
+        if FINAL:
+            if SPLIT_BASE > 0:
+                m = lse
+                for j in tl.static_range(SPLIT_BASE):
+                    m = tl.maximum(m, tl.load(mid_lse_ptr + base + j, mask=gmask, other=float("-inf")))
+                m = tl.where(m == float("-inf"), 0.0, m)  # every part empty: weights all 0, output 0
+                w = tl.exp2(lse - m)
+                total = w
+                o = o * w[:, None]
+                for j in tl.static_range(SPLIT_BASE):
+                    w = tl.exp2(tl.load(mid_lse_ptr + base + j, mask=gmask, other=float("-inf")) - m)
+                    part = tl.load(mid_o_ptr + (base + j)[:, None] * D + offs_d[None, :], mask=io_mask, other=0.0)
+                    o += part * w[:, None]
+                    total += w
+                o = o / tl.where(total > 0.0, total, 1.0)[:, None]
+            tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     o.to(o_ptr.dtype.element_ty), mask=io_mask)
+        else:
+            row = base + SPLIT_BASE + s
+            tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=io_mask)
+            tl.store(mid_lse_ptr + row, lse, mask=gmask)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -242,9 +265,14 @@ def dot_flags(dtype: torch.dtype, interpreted: bool) -> tuple[bool, str]:
 
 def launch_decode_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                          seq_lens: torch.Tensor, sm_scale: float, mid_o: torch.Tensor, mid_lse: torch.Tensor,
-                         split_base: int, num_splits: int, *, block_n: int | None = None,
-                         num_warps: int | None = None, num_stages: int | None = None) -> None:
-    """Stage 1 only: partial results of `num_splits` splits into scratch columns from `split_base`."""
+                         split_base: int, num_splits: int, *, o: torch.Tensor | None = None,
+                         block_n: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None) -> None:
+    """Stage 1: partial results of `num_splits` splits into scratch columns from `split_base`.
+    With `o` (one split only) it is also the last stage: each program merges columns
+    0 .. split_base - 1 into its part and writes o [B, Hq, D] (no stage 2, no partial of its own)."""
+    if o is not None and num_splits != 1:
+        raise ValueError(f"decode attention: writing o directly needs one split, got {num_splits}")
     b, hq, d = q.shape
     _, page_size, hkv, _ = k_cache.shape
     g = hq // hkv
@@ -255,12 +283,13 @@ def launch_decode_splits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         extra["num_warps"] = num_warps
     if num_stages is not None:
         extra["num_stages"] = num_stages
+    out = o if o is not None else mid_o  # unread without FINAL
     _decode_split_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse,
-        q.stride(0), q.stride(1), page_table.stride(0), float(sm_scale) * _LOG2E,
+        q, k_cache, v_cache, page_table, seq_lens, mid_o, mid_lse, out,
+        q.stride(0), q.stride(1), page_table.stride(0), out.stride(0), out.stride(1), float(sm_scale) * _LOG2E,
         HKV=hkv, G=g, D=d, NUM_SPLITS=num_splits, SPLIT_BASE=split_base, TOTAL_SPLITS=mid_lse.shape[2],
         BLOCK_G=max(16, next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=max(16, block_n or (64 if block_d <= 128 else 32)),
-        PAGE_SIZE=page_size, DOT_F32=dot_f32, PRECISION=precision, **extra,
+        PAGE_SIZE=page_size, DOT_F32=dot_f32, PRECISION=precision, FINAL=o is not None, **extra,
     )
 
 
@@ -291,10 +320,15 @@ def paged_decode_with_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if b == 0:
         return o, lse
     splits = num_splits or choose_num_splits(b, hkv, max_seq_len, num_sms(q.device))
+    tune = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    if splits == 1 and lse is None:  # one part per row: stage 1 writes o, nothing to merge
+        no_scratch = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
+        launch_decode_splits(q, k_cache, v_cache, page_table, seq_lens, sm_scale, no_scratch, no_scratch, 0, 1,
+                             o=o, **tune)
+        return o, lse
     mid_o = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
-    launch_decode_splits(q, k_cache, v_cache, page_table, seq_lens, sm_scale, mid_o, mid_lse, 0, splits,
-                         block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    launch_decode_splits(q, k_cache, v_cache, page_table, seq_lens, sm_scale, mid_o, mid_lse, 0, splits, **tune)
     launch_merge_splits(mid_o, mid_lse, o, lse)
     return o, lse
 

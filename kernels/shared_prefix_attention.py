@@ -31,8 +31,9 @@ The result equals decode attention over the concatenated sequence prefix + suffi
 
 `merge_attention_states(o1, lse1, o2, lse2) -> (o, lse)` merges two partial attentions over
 disjoint key sets: o [..., D] normalized outputs, lse [...] fp32 natural-log sum of
-exp(scaled scores) (-inf for an empty part). The Triton cascade merges its parts in one
-kernel (the split-KV merge of decode_attention), so the helper is for other composition.
+exp(scaled scores) (-inf for an empty part). The Triton cascade merges its parts itself (the
+split-KV merge of decode_attention; with one suffix split, the suffix kernel merges the prefix
+parts into its own), so the helper is for other composition.
 """
 
 from __future__ import annotations
@@ -295,7 +296,9 @@ def shared_prefix_impl(
     fewest_groups = min(max(1, groups), -(-b // max(1, max_group_size)))
     sp = prefix_splits or choose_num_splits(fewest_groups * rblocks, hkv, max_prefix_len, sms)
     ss = suffix_splits or choose_num_splits(b, hkv, max_suffix_len, sms)
-    total = sp + ss
+    # One suffix split (large batches): the suffix kernel merges the prefix columns into its
+    # own part and writes o; the scratch then holds the prefix columns only.
+    total = sp + ss if ss > 1 else sp
     # Every cell is written: the prefix kernel writes all splits of every row of a group (the
     # contract puts every row in one), the suffix kernel all of its splits for every row.
     mid_o = torch.empty((b, hq, total, d), dtype=torch.float32, device=q.device)
@@ -318,7 +321,11 @@ def shared_prefix_impl(
     else:  # no prefix anywhere: the prefix columns are empty parts
         mid_o[:, :, :sp].zero_()
         mid_lse[:, :, :sp].fill_(float("-inf"))
-    launch_decode_splits(q, k_cache, v_cache, suffix_page_table, suffix_lens, sm_scale, mid_o, mid_lse, sp, ss,
-                         block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    tune = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    if ss == 1:
+        launch_decode_splits(q, k_cache, v_cache, suffix_page_table, suffix_lens, sm_scale, mid_o, mid_lse, sp, 1,
+                             o=o, **tune)
+        return o
+    launch_decode_splits(q, k_cache, v_cache, suffix_page_table, suffix_lens, sm_scale, mid_o, mid_lse, sp, ss, **tune)
     launch_merge_splits(mid_o, mid_lse, o, None)
     return o

@@ -216,6 +216,9 @@ def test_decode_triton_matches_reference_fp32(page_size, group, splits):
     assert_close(out, expected, TOL[torch.float32], f"{splits} splits")
     _, lse_ref = decode_mod._decode_reference_fp32(*_decode_args(b), True)
     assert_close(lse, lse_ref.to(lse.device), 1e-5, "lse")
+    # Without lse, one split writes o from stage 1 (no scratch, no stage 2).
+    out, _ = decode_mod.paged_decode_with_lse(*_decode_args(b), with_lse=False, num_splits=splits, block_n=16)
+    assert_close(out, expected, TOL[torch.float32], f"{splits} splits, no lse")
 
 
 def test_decode_public_launcher_default_tuning():
@@ -324,6 +327,7 @@ def test_shared_prefix_reference_matches_float64(page_size, group):
 def test_shared_prefix_triton_matches_reference(page_size, group, splits):
     args, b = _cascade_case(page_size, group, *CASCADE, seed=page_size + 1)
     expected = shared_prefix_decode_attention_reference(*args)
+    # One suffix split: the suffix kernel merges the prefix parts and writes o (no stage 2).
     out = shared_mod.shared_prefix_impl(*args, prefix_splits=splits[0], suffix_splits=splits[1], block_n=16)
     assert_close(out, expected, TOL[torch.float32], "cascade triton")
     # Tiles holding fewer requests than a group (request blocks) must give the same result.
