@@ -23,6 +23,12 @@ BLOCK_N blocks (BLOCK_N divides BLOCK_M, so loops 2 and 3 start on block boundar
     from:  the pages       | k_new/v_new rows cu_extend[b] + j: TMA descriptors on sm90+, else
                            | pointer loads; without k_new/v_new, the pages at position prefix + j
 
+A short new turn over a long cached history (an agent's tool result after 8k tokens of
+conversation) makes a grid too small for the GPU: 128 queries x 32 heads are 64 programs, each
+walking all 8k prefix keys alone. Such launches split loop 1 over S programs per tile
+(`choose_extend_splits`), the last of which also walks loops 2 and 3; each writes its partial
+output and log-sum-exp, and decode_attention's stage 2 merges them.
+
 The PyTorch reference loops over requests: gather the request's pages (its prefix only when
 k_new/v_new are given), fp32 matmuls with a bottom-right causal mask.
 """
@@ -48,7 +54,7 @@ from ._common import (
     tl,
     triton,
 )
-from .decode_attention import dot_flags, num_sms
+from .decode_attention import dot_flags, launch_merge_splits, num_sms
 
 __all__ = ["extend_attention", "extend_attention_reference"]
 
@@ -234,15 +240,18 @@ if HAS_TRITON:
     @triton.jit
     def _extend_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, o_ptr, page_table_ptr, seq_lens_ptr, extend_lens_ptr,
-        cu_extend_ptr, stride_qt, stride_qh, stride_ot, stride_oh, stride_pt, stride_kt, stride_kh, stride_vt,
+        cu_extend_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_pt, stride_kt, stride_kh, stride_vt,
         stride_vh, qk_scale, num_m_blocks,
         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        NEW_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        NEW_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, NUM_SPLITS: tl.constexpr,
     ):
         # Largest m first: under the causal mask later query blocks carry more keys, so starting
-        # them first shortens the tail of the grid.
-        m = num_m_blocks - 1 - tl.program_id(0)
+        # them first shortens the tail of the grid. With NUM_SPLITS > 1, axis 0 is (m, split).
+        m = num_m_blocks - 1 - tl.program_id(0) // NUM_SPLITS
+        split = tl.program_id(0) % NUM_SPLITS
+        last = split == NUM_SPLITS - 1
         h = tl.program_id(1)
         b = tl.program_id(2)
         e = tl.load(extend_lens_ptr + b)
@@ -266,34 +275,47 @@ if HAS_TRITON:
         page_row = page_table_ptr + b.to(tl.int64) * stride_pt
 
         # 1. Prefix keys, from the pages: all precede every query, so only the tail block is masked.
+        #    Split s walks its share [start, end) (a multiple of BLOCK_N long); the tail block is the last's.
         prefix_full = (prefix // BLOCK_N) * BLOCK_N
-        for n in range(0, prefix_full, BLOCK_N):
+        share = tl.cdiv(tl.cdiv(prefix, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * share
+        end = tl.minimum(start + share, prefix)
+        for n in range(start, tl.maximum(start, tl.minimum(end, prefix_full)), BLOCK_N):
             k, v = _load_paged(k_cache_ptr, v_cache_ptr, page_row, n + offs_n, n + offs_n < prefix, kvh,
                                HKV, D, BLOCK_D, PAGE_SIZE, False)
             m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, None, False, DOT_F32, PRECISION)
-        if prefix_full < prefix:
+        if (prefix_full < prefix) & (prefix_full >= start) & (end == prefix):
             pos = prefix_full + offs_n
             k, v = _load_paged(k_cache_ptr, v_cache_ptr, page_row, pos, pos < prefix, kvh,
                                HKV, D, BLOCK_D, PAGE_SIZE, True)
             m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, (pos < prefix)[None, :], True,
                                           DOT_F32, PRECISION)
-        # 2. New keys before the tile's first query: seen by every row.
-        for j in range(0, m * BLOCK_M, BLOCK_N):
+        # 2. New keys before the tile's first query: seen by every row (the last split's).
+        for j in range(0, tl.where(last, m * BLOCK_M, 0), BLOCK_N):
             k, v = _load_new(k_new, v_new, k_cache_ptr, v_cache_ptr, page_row, q_start, prefix, j, e, kvh,
                              stride_kt, stride_kh, stride_vt, stride_vh,
                              HKV, D, BLOCK_N, BLOCK_D, PAGE_SIZE, NEW_KV, False)
             m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, None, False, DOT_F32, PRECISION)
         # 3. Diagonal blocks: causal mask; keys from e on belong to the next request (or to no one).
-        for j in range(m * BLOCK_M, tl.minimum((m + 1) * BLOCK_M, e), BLOCK_N):
+        for j in range(m * BLOCK_M, tl.where(last, tl.minimum((m + 1) * BLOCK_M, e), m * BLOCK_M), BLOCK_N):
             k, v = _load_new(k_new, v_new, k_cache_ptr, v_cache_ptr, page_row, q_start, prefix, j, e, kvh,
                              stride_kt, stride_kh, stride_vt, stride_vh,
                              HKV, D, BLOCK_N, BLOCK_D, PAGE_SIZE, NEW_KV, True)
             keys = j + offs_n
             allowed = (keys[None, :] <= offs_m[:, None]) & (keys < e)[None, :]
             m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, allowed, True, DOT_F32, PRECISION)
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                 o.to(o_ptr.dtype.element_ty), mask=io_mask)
+        nonempty = l_i > 0.0
+        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        if NUM_SPLITS == 1:
+            tl.store(o_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                     o.to(o_ptr.dtype.element_ty), mask=io_mask)
+        else:
+            # Partial results for decode_attention's stage 2: mid_o [T, Hq, S, D], mid_lse [T, Hq, S]
+            # fp32, lse in log2 units (-inf for a split with no keys).
+            lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+            row = ((q_start + offs_m) * (HKV * G) + h) * NUM_SPLITS + split
+            tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=io_mask)
+            tl.store(mid_lse_ptr + row, lse, mask=offs_m < e)
 
 
 def _default_config(head_dim: int, dtype: torch.dtype, interpreted: bool, query_tiles: int,
@@ -346,11 +368,14 @@ def extend_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           max_extend_len: int, sm_scale: float, *, k_new: torch.Tensor | None = None,
                           v_new: torch.Tensor | None = None, block_m: int | None = None,
                           block_n: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, use_tma: bool | None = None) -> torch.Tensor:
+                          num_stages: int | None = None, use_tma: bool | None = None,
+                          num_splits: int | None = None) -> torch.Tensor:
     """Launch with optional tuning overrides (tests, benchmarks); inputs already validated.
 
     use_tma: None reads k_new/v_new through TMA descriptors where possible (sm90+ or the
     interpreter, see `_tma_blocker`), else with pointer loads; True insists, False never does.
+    num_splits: None picks it (`choose_extend_splits`); > 1 splits each tile's prefix keys
+    over that many programs and merges their partial results in decode_attention's stage 2.
     """
     t, hq, d = q.shape
     _, page_size, hkv, _ = k_cache.shape
@@ -382,14 +407,36 @@ def extend_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         raise ValueError("extend_attention: use_tma=True needs k_new and v_new")
     dot_f32, precision = dot_flags(q.dtype, interpreted)
     num_m_blocks = triton.cdiv(max_extend_len, bm)
-    _extend_kernel[(num_m_blocks, hq, b)](
-        q, k_cache, v_cache, k_arg, v_arg, o, page_table, seq_lens, extend_lens, cu_extend,
+    splits = num_splits or choose_extend_splits(min(num_m_blocks * b, triton.cdiv(t, bm) + b) * hq,
+                                                page_table.shape[1] * page_size, num_sms(q.device))
+    if splits > 1:
+        mid_o = torch.empty((t, hq, splits, d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((t, hq, splits), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = o  # unread
+    _extend_kernel[(num_m_blocks * splits, hq, b)](
+        q, k_cache, v_cache, k_arg, v_arg, o, page_table, seq_lens, extend_lens, cu_extend, mid_o, mid_lse,
         q.stride(0), q.stride(1), o.stride(0), o.stride(1), page_table.stride(0), *new_strides,
         float(sm_scale) * _LOG2E, num_m_blocks,
         HKV=hkv, G=hq // hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PAGE_SIZE=page_size,
-        NEW_KV=new_kv, DOT_F32=dot_f32, PRECISION=precision, num_warps=nw, num_stages=ns,
+        NEW_KV=new_kv, DOT_F32=dot_f32, PRECISION=precision, NUM_SPLITS=splits, num_warps=nw, num_stages=ns,
     )
+    if splits > 1:
+        launch_merge_splits(mid_o, mid_lse, o, None)
     return o
+
+
+def choose_extend_splits(programs: int, max_keys: int, sm_count: int, min_keys_per_split: int = 512,
+                         max_splits: int = 16) -> int:
+    """Prefix splits for a launch of about `programs` (tile, head) programs over at most
+    `max_keys` keys each: 1 once they fill the GPU, else enough for ~2 programs per SM, never
+    splits of fewer than `min_keys_per_split` keys. A short new turn over a long cached history
+    is the case: 128 queries over 8k cached tokens are 64 programs on a 132-SM GPU, each walking
+    8k keys (the layer waits on the slowest SM's stream of 2 MB)."""
+    if programs >= sm_count:
+        return 1
+    want = -(-2 * sm_count // max(1, programs))
+    return max(1, min(want, max_keys // min_keys_per_split, max_splits))
 
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,

@@ -355,11 +355,27 @@ def _extend_prefix_heavy(prefix: int, t: int, h: int, d: int, p: int) -> None:
     row(f"extend d{d} prefix-heavy all paged", shape, _tflops(ms_paged, flops), f"k_new {ms_paged / ms_new:.2f}x faster")
 
 
+def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int) -> None:
+    """One request's short new turn over a long cached history (cached-prefix TTFT, agent
+    turns): the default launch (prefix keys split over several programs) vs one program per tile."""
+    args, new_kv, flops = _extend_case(t, h, d, p, torch.bfloat16, prefix=prefix)
+    check(f"extend d{d} short turn {t} over {prefix}", K.extend_attention(*args, **new_kv),
+          K.extend_attention_reference(*args), 2e-2)
+    ms_split = device_ms(lambda: K.extend_attention(*args, **new_kv))
+    ms_one = device_ms(lambda: extend_mod.extend_attention_impl(*args, **new_kv, num_splits=1))
+    kv_bytes = 2 * (prefix + t) * h * d * 2  # K and V, bf16 (`_extend_case` has as many KV heads as query heads)
+    shape = f"{t} new over {prefix} cached, {h}h P{p} bf16"
+    row(f"extend d{d} short turn, split prefix", shape, f"{ms_split * 1e3:.1f} us",
+        f"{kv_bytes / ms_split / 1e6:,.0f} GB/s of KV; unsplit {ms_one * 1e3:.1f} us ({ms_one / ms_split:.2f}x)")
+
+
 def bench_extend(quick: bool) -> None:
     h, p = (32, 16) if not SMOKE else (2, 16)
     lengths = [2048, 4096, 8192] if not SMOKE else [40]
     dims = [64, 128] if not SMOKE else [32]
     _extend_checks(dims, p)
+    for d in dims:
+        _extend_short_turn(*((8192, 128) if not SMOKE else (48, 8)), h, d, p)
     for d in dims:
         # Sweep at one length, then time the 5 fastest configs at every length.
         top = _extend_sweep(4096 if not SMOKE else lengths[0], h, d, p, quick)[:5]

@@ -84,6 +84,26 @@ def test_extend_triton_three_loops_fp32(page_size, group, source):
     assert_close(out, expected, TOL[torch.float32], f"triton ({source}) vs float64")
 
 
+@pytest.mark.parametrize("page_size,splits,source", [(4, 2, "tma"), (16, 3, "pointers"), (1, 5, "pages")])
+def test_extend_triton_prefix_splits(page_size, splits, source):
+    # Prefix keys split over several programs per tile (shares ending mid-page and mid-block,
+    # empty shares past short prefixes, a zero prefix), merged by stage 2.
+    b = make_paged_batch(*THREE_LOOPS, page_size=page_size, num_kv_heads=2, group=2, head_dim=16,
+                         seed=page_size + splits)
+    new_kv = {} if source == "pages" else _new_kv(b)
+    out = extend_mod.extend_attention_impl(*_extend_args(b), **new_kv, block_m=16, block_n=16, num_splits=splits,
+                                           use_tma=None if source == "pages" else source == "tma")
+    assert_close(out, naive_extend(b), TOL[torch.float32], f"{splits} splits ({source}) vs float64")
+
+
+def test_choose_extend_splits():
+    choose = extend_mod.choose_extend_splits
+    assert choose(64, 8320, 132) == 5  # 128 queries x 32 heads over 8k cached: ~2 programs per SM
+    assert choose(132, 8320, 132) == 1  # the grid fills the GPU already
+    assert choose(64, 700, 132) == 1  # shares of at least 512 keys
+    assert choose(1, 1 << 20, 132) == 16
+
+
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_extend_triton_reads_new_kv_from_k_new(use_tma):
     # k_new/v_new differ from the cache here only to show which source each key came from: the
@@ -176,10 +196,26 @@ def test_extend_gpu_sizes(head_dim, dtype, page_size):
     assert_close(extend_attention(*_extend_args(b), **new_kv), expected, TOL[dtype], "k_new (TMA on sm90+)")
     out = extend_mod.extend_attention_impl(*_extend_args(b), **new_kv, use_tma=False)
     assert_close(out, expected, TOL[dtype], "k_new, pointer loads")
+    out = extend_mod.extend_attention_impl(*_extend_args(b), **new_kv, num_splits=4)
+    assert_close(out, expected, TOL[dtype], "k_new, 4 prefix splits")
+
+
+def test_extend_short_turn_over_long_prefix_gpu():
+    # 128 new tokens over 8k cached ones: the default launch splits the prefix keys.
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    b = make_paged_batch([8320, 3000], [128, 1], page_size=16, num_kv_heads=8, group=4, head_dim=64,
+                         dtype=torch.bfloat16)
+    new_kv = _new_kv(b)
+    assert extend_mod.choose_extend_splits(2 * 32 + 32, 8320, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    expected = extend_attention_reference(*_extend_args(b), **new_kv)
+    assert_close(extend_attention(*_extend_args(b), **new_kv), expected, TOL[torch.bfloat16], "default (split)")
 
 
 for _mark in gpu:
     test_extend_gpu_sizes = _mark(test_extend_gpu_sizes)
+    test_extend_short_turn_over_long_prefix_gpu = _mark(test_extend_short_turn_over_long_prefix_gpu)
 
 
 # ---------------------------------------------------------------- decode attention
