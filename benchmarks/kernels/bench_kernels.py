@@ -432,6 +432,54 @@ def bench_cascade(copy_gbs: float) -> None:
         f"{casc_bytes / ms_casc / 1e6:,.0f} GB/s effective")
 
 
+def bench_cascade_graph(copy_gbs: float) -> None:
+    """The shared-prefix op as llama-1b's 1024-row decode graph runs it on gsp: d64, 64 groups of
+    16 in 1024 group slots (the graph passes one per row; the rest are empty), the context limit
+    as the length bounds; default tuning, then a sweep of the tile, warp and stage settings
+    (applied to the prefix and suffix kernels alike), fastest first."""
+    groups, per, prefix, suffix, hq, hkv, d, p = (64, 16, 2048, 256, 32, 8, 64, 16) if not SMOKE else \
+        (2, 3, 32, 9, 4, 2, 32, 16)
+    bound = 16384 if not SMOKE else 64
+    dtype = torch.bfloat16
+    b = groups * per
+    k, v, table = paged_kv([prefix] * groups + [suffix] * b, p, hkv, d, dtype)
+    prefix_pt, suffix_pt = table[:groups, : prefix // p], table[groups:, : -(-suffix // p)].contiguous()
+    i32 = dict(dtype=torch.int32, device=DEV)
+    slots_pt = torch.zeros(b, prefix_pt.shape[1], **i32)
+    slots_pt[:groups] = prefix_pt
+    prefix_lens = torch.zeros(b, **i32)
+    prefix_lens[:groups] = prefix
+    cu_groups = torch.full((b + 1,), b, **i32)
+    cu_groups[: groups + 1] = torch.arange(0, b + 1, per, **i32)
+    q = torch.randn(b, hq, d, device=DEV, dtype=dtype)
+    args = (q, k, v, slots_pt, prefix_lens, cu_groups, suffix_pt, torch.full((b,), suffix, **i32), d**-0.5,
+            bound, bound, per)
+    ref = K.shared_prefix_decode_attention_reference(q, k, v, prefix_pt, prefix_lens[:groups].clone(),
+                                                     cu_groups[: groups + 1].clone(), *args[6:9], prefix, suffix, per)
+    check("cascade, graph-shaped batch", K.shared_prefix_decode_attention(*args), ref, 2e-2)
+    nbytes = (groups * prefix + b * suffix) * 2 * hkv * d * 2
+    variants: list[dict] = [{}, dict(prefix_splits=2), dict(prefix_splits=4)]
+    variants += [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (2, 4, 8)
+                 for st in (2, 3, 4)]
+    timed = []
+    for var in variants if not SMOKE else variants[:2]:
+        try:
+            fn = lambda var=var: shared_mod.shared_prefix_impl(*args, **var)  # noqa: E731
+            if rel_err(fn(), ref) > 2e-2:
+                print(f"  cascade graph {var} WRONG")
+                continue
+            timed.append((device_ms(fn), var))
+        except Exception as exc:  # a setting that does not compile (shared memory) is skipped
+            print(f"  cascade graph {var} failed: {type(exc).__name__}: {str(exc)[:100]}")
+    default_ms = next(ms for ms, var in timed if not var)
+    shape = f"{groups}x{per} req in {b} slots, prefix {prefix}, suffix {suffix}, {hq}/{hkv}h d{d}"
+    for ms, var in sorted(timed, key=lambda x: x[0])[:8]:
+        print(f"    {str(var or 'default'):<58} {ms * 1e3:8.1f} us {nbytes / ms / 1e6 / copy_gbs:6.0%} of copy")
+    best_ms, best = min(timed, key=lambda x: x[0])
+    row("decode shared-prefix, llama-1b graph shape", shape, f"{default_ms * 1e3:,.1f} us",
+        f"{nbytes / default_ms / 1e6 / copy_gbs:.0%} of copy; best {best or 'default'} {best_ms * 1e3:,.1f} us")
+
+
 # ------------------------------------------------------------------ elementwise
 
 def bench_elementwise(copy_gbs: float) -> None:
@@ -506,7 +554,8 @@ def main() -> None:
     only = set(opts.only.split(","))
     copy_gbs = bench_copy()
     sections = [("decode", lambda: bench_decode(copy_gbs, opts.quick)), ("extend", lambda: bench_extend(opts.quick)),
-                ("cascade", lambda: bench_cascade(copy_gbs)), ("elementwise", lambda: bench_elementwise(copy_gbs))]
+                ("cascade", lambda: bench_cascade(copy_gbs)), ("cascade-graph", lambda: bench_cascade_graph(copy_gbs)),
+                ("elementwise", lambda: bench_elementwise(copy_gbs))]
     for name, fn in sections:
         if name in only:
             print(f"== {name}", flush=True)

@@ -208,7 +208,8 @@ def test_extend_short_turn_over_long_prefix_gpu():
     b = make_paged_batch([8320, 3000], [128, 1], page_size=16, num_kv_heads=8, group=4, head_dim=64,
                          dtype=torch.bfloat16)
     new_kv = _new_kv(b)
-    assert extend_mod.choose_extend_splits(2 * 32 + 32, 8320, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert extend_mod.choose_extend_splits(2 * 32 + 32, 8320, sms) > 1
     expected = extend_attention_reference(*_extend_args(b), **new_kv)
     assert_close(extend_attention(*_extend_args(b), **new_kv), expected, TOL[torch.bfloat16], "default (split)")
 
