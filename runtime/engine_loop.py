@@ -24,9 +24,10 @@ Decode bursts (runtime/scheduler.py) run k decode steps in one launch where the 
 device, bounds a large decode batch: one schedule, one launch and one fold per k tokens of
 every request. With overlap a burst in flight leaves k placeholders per request.
 
-A request that step t finishes (stop token, stop string, length) has a wasted row in step
-t+1, whose result is dropped; its pages are released at once, which is safe because any later
-use of them is stream-ordered after step t+1. Requests whose next step depends on the host
+A request that step t finishes on a stop token or stop string has a wasted row in step t+1,
+whose result is dropped; its pages are released at once, which is safe because any later use
+of them is stream-ordered after step t+1. One that step t takes to max_tokens gets no
+placeholder and no row (a lone request's last token then comes back without a step t+1). Requests whose next step depends on the host
 seeing the token first (grammar masks, penalties over the output history) make the loop fold
 step t before scheduling t+1, i.e. run that step without overlap.
 
@@ -313,12 +314,16 @@ class EngineLoop:
 
     @staticmethod
     def _add_placeholders(pending: PendingStep) -> list[Request]:
-        """Append stand-ins for the tokens each still-live request samples in `pending`."""
+        """Append stand-ins for the tokens each still-live request samples in `pending`. A
+        request whose tokens from `pending` take it to max_tokens gets none: it finishes with
+        them whatever they are, so the next step has no row for it."""
         out = []
         n = pending.batch.burst
         stand_ins = [0] * n
         for seq in pending.batch.seqs:
             req = seq.request
+            if len(req.output_ids) + n >= req.params.max_tokens:
+                continue
             if seq.sample and not req.is_finished and id(req) in pending.sample_row:
                 req.output_ids.extend(stand_ins)
                 req.placeholders = n

@@ -195,6 +195,8 @@ class Scheduler:
         for req in self.running:
             p = req.params
             num_tokens = len(req.prompt_ids) + len(req.output_ids)
+            if req.num_computed >= num_tokens:
+                continue  # finishes with the step in flight (max_tokens): no row in this one
             if (req.num_computed != num_tokens - 1 or req.matcher is not None or req.logprobs is not None
                     or p.uses_penalties):
                 return 1

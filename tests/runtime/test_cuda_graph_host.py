@@ -222,6 +222,18 @@ def test_overlapped_loop_matches_sync_loop(sync_outputs: list, pool_at_rest) -> 
     assert got == sync_outputs
 
 
+@pytest.mark.parametrize("max_tokens", [1, 3])
+def test_overlapped_loop_launches_no_step_past_max_tokens(max_tokens: int, pool_at_rest) -> None:  # noqa: ANN001
+    """A lone request's step that reaches max_tokens is not followed by a step of its own."""
+    with Engine(model="default", page_size=16, num_pages=12, max_batch_tokens=256, max_model_len=320,
+                overlap=True) as engine:
+        out = engine.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=max_tokens))
+        engine.wait_idle()
+        assert len(out.outputs[0].token_ids) == max_tokens
+        assert engine._loop.timing.decode_steps == max_tokens - 1  # one decode step per token after the first
+        pool_at_rest(engine)
+
+
 def test_graph_input_path_with_overlap_matches_sync_loop(sync_outputs: list, pool_at_rest, eager_graphs) -> None:  # noqa: ANN001
     """Decode batches go through the padded static buffers (eager on the CPU), with carried
     tokens and cascade groups, and still give the synchronous loop's outputs."""

@@ -71,6 +71,21 @@ def test_burst_length_stops_at_the_context_limit_not_at_max_tokens() -> None:
     scheduler.check_integrity()
 
 
+def test_a_request_finishing_in_flight_has_no_row_and_keeps_the_burst() -> None:
+    """With the overlapped loop a request that the step in flight takes to max_tokens gets no
+    placeholder (engine_loop.py): it is left out of the next step, which may still be a burst."""
+    config = EngineConfig(page_size=4, max_running=4, max_batch_tokens=64, max_model_len=64)
+    scheduler = Scheduler(config, num_pages=32)
+    done = Request("done", 0, [5, 6, 7], SamplingParams(max_tokens=1, temperature=0), lambda d: None)
+    going = Request("going", 0, [8, 9, 10, 11], SamplingParams(max_tokens=100, temperature=0), lambda d: None)
+    for req in (done, going):
+        scheduler.add(req)
+    scheduler.postprocess_computed(scheduler.schedule(max_burst=8))  # both prefilled, tokens in flight
+    going.output_ids.append(0)  # the placeholder; `done` gets none
+    batch = scheduler.schedule(max_burst=8)
+    assert [s.request.request_id for s in batch.seqs] == ["going"] and batch.burst == 8
+
+
 # ------------------------------------------------------------------ folding a burst's tokens
 
 
