@@ -242,16 +242,18 @@ if HAS_TRITON:
         q_ptr, k_cache_ptr, v_cache_ptr, k_new, v_new, o_ptr, page_table_ptr, seq_lens_ptr, extend_lens_ptr,
         cu_extend_ptr, mid_o_ptr, mid_lse_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_pt, stride_kt, stride_kh, stride_vt,
-        stride_vh, qk_scale, num_m_blocks,
+        stride_vh, qk_scale, num_m_blocks, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        NEW_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        NEW_KV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ):
         # Largest m first: under the causal mask later query blocks carry more keys, so starting
-        # them first shortens the tail of the grid. With NUM_SPLITS > 1, axis 0 is (m, split).
-        m = num_m_blocks - 1 - tl.program_id(0) // NUM_SPLITS
-        split = tl.program_id(0) % NUM_SPLITS
-        last = split == NUM_SPLITS - 1
+        # them first shortens the tail of the grid. With SPLIT, axis 0 is (m, split): num_splits
+        # programs per query block. (num_splits is a runtime value: each count would otherwise
+        # compile a kernel of its own while serving.)
+        m = num_m_blocks - 1 - tl.program_id(0) // num_splits
+        split = tl.program_id(0) % num_splits
+        last = split == num_splits - 1
         h = tl.program_id(1)
         b = tl.program_id(2)
         e = tl.load(extend_lens_ptr + b)
@@ -277,7 +279,7 @@ if HAS_TRITON:
         # 1. Prefix keys, from the pages: all precede every query, so only the tail block is masked.
         #    Split s walks its share [start, end) (a multiple of BLOCK_N long); the tail block is the last's.
         prefix_full = (prefix // BLOCK_N) * BLOCK_N
-        share = tl.cdiv(tl.cdiv(prefix, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        share = tl.cdiv(tl.cdiv(prefix, num_splits), BLOCK_N) * BLOCK_N
         start = split * share
         end = tl.minimum(start + share, prefix)
         for n in range(start, tl.maximum(start, tl.minimum(end, prefix_full)), BLOCK_N):
@@ -306,14 +308,14 @@ if HAS_TRITON:
             m_i, l_i, acc = _softmax_step(q, k, v, m_i, l_i, acc, qk_scale, allowed, True, DOT_F32, PRECISION)
         nonempty = l_i > 0.0
         o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             tl.store(o_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                      o.to(o_ptr.dtype.element_ty), mask=io_mask)
         else:
             # Partial results for decode_attention's stage 2: mid_o [T, Hq, S, D], mid_lse [T, Hq, S]
             # fp32, lse in log2 units (-inf for a split with no keys).
             lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-            row = ((q_start + offs_m) * (HKV * G) + h) * NUM_SPLITS + split
+            row = ((q_start + offs_m) * (HKV * G) + h) * num_splits + split
             tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=io_mask)
             tl.store(mid_lse_ptr + row, lse, mask=offs_m < e)
 
@@ -417,9 +419,9 @@ def extend_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     _extend_kernel[(num_m_blocks * splits, hq, b)](
         q, k_cache, v_cache, k_arg, v_arg, o, page_table, seq_lens, extend_lens, cu_extend, mid_o, mid_lse,
         q.stride(0), q.stride(1), o.stride(0), o.stride(1), page_table.stride(0), *new_strides,
-        float(sm_scale) * _LOG2E, num_m_blocks,
+        float(sm_scale) * _LOG2E, num_m_blocks, splits,
         HKV=hkv, G=hq // hkv, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PAGE_SIZE=page_size,
-        NEW_KV=new_kv, DOT_F32=dot_f32, PRECISION=precision, NUM_SPLITS=splits, num_warps=nw, num_stages=ns,
+        NEW_KV=new_kv, DOT_F32=dot_f32, PRECISION=precision, SPLIT=splits > 1, num_warps=nw, num_stages=ns,
     )
     if splits > 1:
         launch_merge_splits(mid_o, mid_lse, o, None)
