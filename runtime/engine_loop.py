@@ -27,9 +27,10 @@ every request. With overlap a burst in flight leaves k placeholders per request.
 A request that step t finishes on a stop token or stop string has a wasted row in step t+1,
 whose result is dropped; its pages are released at once, which is safe because any later use
 of them is stream-ordered after step t+1. One that step t takes to max_tokens gets no
-placeholder and no row (a lone request's last token then comes back without a step t+1). Requests whose next step depends on the host
-seeing the token first (grammar masks, penalties over the output history) make the loop fold
-step t before scheduling t+1, i.e. run that step without overlap.
+placeholder and no row (a lone request's last token then comes back without a step t+1).
+Requests whose next step depends on the host seeing the token first (grammar masks, penalties
+over the output history) make the loop fold step t before scheduling t+1, i.e. run that step
+without overlap.
 
 Only this thread touches the scheduler, the tree, the pool and the requests. Other threads talk
 to it through `Inbox` and receive `StreamDelta`s through each request's callback. An exception
@@ -322,9 +323,9 @@ class EngineLoop:
         stand_ins = [0] * n
         for seq in pending.batch.seqs:
             req = seq.request
-            if len(req.output_ids) + n >= req.params.max_tokens:
+            if not seq.sample or req.is_finished or id(req) not in pending.sample_row:
                 continue
-            if seq.sample and not req.is_finished and id(req) in pending.sample_row:
+            if len(req.output_ids) + n < req.params.max_tokens:
                 req.output_ids.extend(stand_ins)
                 req.placeholders = n
                 out.append(req)
