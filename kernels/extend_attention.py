@@ -25,9 +25,11 @@ BLOCK_N blocks (BLOCK_N divides BLOCK_M, so loops 2 and 3 start on block boundar
 
 A short new turn over a long cached history (an agent's tool result after 8k tokens of
 conversation) makes a grid too small for the GPU: 128 queries x 32 heads are 64 programs, each
-walking all 8k prefix keys alone. Such launches split loop 1 over S programs per tile
-(`choose_extend_splits`), the last of which also walks loops 2 and 3; each writes its partial
-output and log-sum-exp, and decode_attention's stage 2 merges them.
+walking all 8k prefix keys alone. Such launches split loop 1 over S programs per tile (grid
+(query blocks x S, Hq, B); S from `choose_extend_splits`), the last of which also walks loops 2
+and 3; each writes its partial output and log-sum-exp, and decode_attention's stage 2 merges
+them (one more launch: measured on an H100, 128 new tokens over 8k cached take 56 us instead of
+153 at d64, 111 instead of 188 at d128).
 
 The PyTorch reference loops over requests: gather the request's pages (its prefix only when
 k_new/v_new are given), fp32 matmuls with a bottom-right causal mask.
