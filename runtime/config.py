@@ -21,7 +21,9 @@ class EngineConfig:
     """What to load and how to schedule.
 
     `max_batch_tokens` is the per-step token budget: decode tokens of running requests first,
-    then prefill chunks. `kv_cache_bytes` sizes the KV pool when `num_pages` is not given.
+    then prefill chunks. None picks it by device (`default_batch_tokens`): 2048 on the CPU; on
+    CUDA 16384 with at least 60 GiB of device memory, else 8192 (a prefill chunk's launches
+    and weight reads then amortize over more tokens; SGLang's chunked-prefill defaults). `kv_cache_bytes` sizes the KV pool when `num_pages` is not given.
     `cuda_graphs` and `overlap` (None: on for CUDA, off on the CPU) switch decode-step CUDA
     graphs (runtime/cuda_graphs.py) and the overlapped engine loop (engine_loop.py).
     `schedule_policy` "lpm" admits waiting requests longest-cached-prefix first (falling back
@@ -44,7 +46,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_running: int = 256
     max_waiting: int = 4096
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int | None = None
     enable_prefix_cache: bool = True
     eviction_policy: str = "lru"
     schedule_policy: SchedulePolicy = "lpm"
@@ -69,7 +71,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         for name in ("max_running", "max_waiting", "max_batch_tokens", "lpm_max_waiting", "decode_burst",
                      "decode_burst_min_batch"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eviction_policy not in EVICTION_POLICIES:
             raise ValueError(
@@ -82,3 +84,18 @@ class EngineConfig:
             raise ValueError(f"constraints must be a ConstraintLimits, got {type(self.constraints).__name__}")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
+
+
+# The step token budget when `max_batch_tokens` is None (see EngineConfig).
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 8192
+LARGE_GPU_BATCH_TOKENS = 16384
+LARGE_GPU_BYTES = 60 << 30
+
+
+def default_batch_tokens(device_type: str, device_memory_bytes: int = 0) -> int:
+    """The step token budget of an engine on `device_type` ("cpu", "cuda") with that much
+    device memory, for configs that leave `max_batch_tokens` None."""
+    if device_type != "cuda":
+        return CPU_BATCH_TOKENS
+    return LARGE_GPU_BATCH_TOKENS if device_memory_bytes >= LARGE_GPU_BYTES else GPU_BATCH_TOKENS

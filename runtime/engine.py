@@ -17,12 +17,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Sequence, TypeVar, Union
 
 import torch
 
-from radixserve.runtime.config import EngineConfig
+from radixserve.runtime.config import EngineConfig, default_batch_tokens
 from radixserve.runtime.constraints import ConstraintCompiler
 from radixserve.runtime.cpu_malloc import keep_tensor_buffers_in_heap
 from radixserve.runtime.detokenizer import IncrementalDetokenizer, StopChecker, TokenPieces
@@ -89,8 +89,11 @@ class Engine:
         return engine
 
     def _init(self, config: EngineConfig) -> None:
-        self.config = config
         self.device = _pick_device(config.device)
+        if config.max_batch_tokens is None:
+            memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+            config = replace(config, max_batch_tokens=default_batch_tokens(self.device.type, memory))
+        self.config = config  # max_batch_tokens resolved: what this engine runs with
         if self.device.type == "cpu":
             keep_tensor_buffers_in_heap()
         dtype = _pick_dtype(config.dtype, self.device)

@@ -34,7 +34,7 @@ from functools import cached_property
 from typing import Any, Iterable, Literal, NamedTuple
 
 from radixserve.radix import PageAllocator, RadixCache
-from radixserve.runtime.config import EngineConfig
+from radixserve.runtime.config import EngineConfig, default_batch_tokens
 from radixserve.runtime.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ class Scheduler:
         bursts never cross."""
         self.config = config
         self.page_size = config.page_size
+        # The Engine resolves a None budget by device; a scheduler on its own takes the CPU's.
+        self.max_batch_tokens = config.max_batch_tokens or default_batch_tokens("cpu")
         self.max_model_len = max_model_len or config.max_model_len or num_pages * config.page_size
         self.allocator = PageAllocator(num_pages)
         self.tree: RadixCache | None = (
@@ -148,7 +150,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self, max_burst: int = 1) -> ScheduledBatch:
         """This step's work. `max_burst` > 1 allows a decode burst of up to that many steps."""
-        budget = self.config.max_batch_tokens
+        budget = self.max_batch_tokens
         seqs: list[ScheduledSeq] = []
         preempted_before = self.counters.preemptions
         burst = self._burst_len(max_burst) if max_burst > 1 else 1

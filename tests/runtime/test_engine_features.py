@@ -156,3 +156,10 @@ def test_multi_turn_reuses_generated_tokens(engine_p1: Engine) -> None:
         cached.append(res.cached_tokens)
         history += [{"role": "assistant", "content": res.text}, {"role": "user", "content": "And another?"}]
     assert cached[1] > cached[0] and cached[2] > cached[1]
+
+
+def test_engine_resolves_the_step_token_budget() -> None:
+    with Engine(model="default", page_size=16, num_pages=64) as engine:
+        assert engine.config.max_batch_tokens == 2048  # the CPU's default
+        assert engine.scheduler.max_batch_tokens == 2048
+

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixserve.runtime.config import EngineConfig
+from radixserve.runtime.config import EngineConfig, default_batch_tokens
 from radixserve.runtime.request import Request
 from radixserve.runtime.sampling_params import SamplingParams
 from radixserve.runtime.scheduler import Scheduler
@@ -207,4 +207,14 @@ def test_random_workloads_never_leak(page_size: int, num_pages: int, budget: int
         assert drive(solo, [ref])["solo"] == outputs[r.request_id]
     assert_no_leak(sched)
 
+
+def test_step_token_budget_defaults_by_device() -> None:
+    assert EngineConfig().max_batch_tokens is None  # the engine picks it by device
+    assert default_batch_tokens("cpu") == 2048
+    assert default_batch_tokens("cuda", 80 << 30) == 16384
+    assert default_batch_tokens("cuda", 24 << 30) == 8192
+    assert Scheduler(EngineConfig(), num_pages=16).max_batch_tokens == 2048  # a scheduler on its own
+    assert Scheduler(EngineConfig(max_batch_tokens=64), num_pages=16).max_batch_tokens == 64
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        EngineConfig(max_batch_tokens=0)
 
