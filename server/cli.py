@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="maximum prompt + completion tokens (default: the model's)")
     model.add_argument("--max-running", type=int, default=None, help="requests computed concurrently")
     model.add_argument("--max-waiting", type=int, default=None, help="queued requests before new ones get 503")
-    model.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one engine step")
+    model.add_argument("--max-batch-tokens", type=int, default=None,
+                       help="token budget of one engine step (default: 2048 on the CPU, 8192 or 16384 on a GPU)")
     model.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: sized from memory)")
     model.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
     model.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16")
