@@ -23,7 +23,8 @@ class EngineConfig:
     `max_batch_tokens` is the per-step token budget: decode tokens of running requests first,
     then prefill chunks. None picks it by device (`default_batch_tokens`): 2048 on the CPU; on
     CUDA 16384 with at least 60 GiB of device memory, else 8192 (a prefill chunk's launches
-    and weight reads then amortize over more tokens; SGLang's chunked-prefill defaults). `kv_cache_bytes` sizes the KV pool when `num_pages` is not given.
+    and weight reads then amortize over more tokens; SGLang's chunked-prefill defaults).
+    `kv_cache_bytes` sizes the KV pool when `num_pages` is not given.
     `cuda_graphs` and `overlap` (None: on for CUDA, off on the CPU) switch decode-step CUDA
     graphs (runtime/cuda_graphs.py) and the overlapped engine loop (engine_loop.py).
     `schedule_policy` "lpm" admits waiting requests longest-cached-prefix first (falling back
