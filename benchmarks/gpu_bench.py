@@ -590,10 +590,12 @@ def sec_ttft(engine: Engine) -> None:
             ttft(prefix + random_ids(rng, 128, *VOCAB_RANGE))
         # Interleaved pairs, each pair's order alternating, so that drifts of the host's speed
         # (the requests are bound by its kernel launches) weigh on both sides alike.
-        cold, warm = [], []
+        cold: list[tuple[float, float]] = []
+        warm: list[tuple[float, float]] = []
+        sides = [(cold, []), (warm, prefix)]  # (results, the prompt's head)
         for i in range(11):
-            for side in ((cold, warm) if i % 2 == 0 else (warm, cold)):
-                side.append(ttft((prefix if side is warm else []) + random_ids(rng, 128, *VOCAB_RANGE)))
+            for results, head in (sides if i % 2 == 0 else sides[::-1]):
+                results.append(ttft(head + random_ids(rng, 128, *VOCAB_RANGE)))
         full = [ttft([rng.randrange(*VOCAB_RANGE)] + prefix[1:] + random_ids(rng, 128, *VOCAB_RANGE))
                 for _ in range(3)]
     finally:
@@ -650,10 +652,10 @@ def sec_overhead(engine: Engine, quick: bool) -> None:
 def sec_random(engine: Engine, count: int) -> None:
     """random: 512 in / 256 out, nothing shared, radix cache on vs off, in six runs of count/6
     requests ordered on, off, off, on, on, off (drift cancels), each on fresh prompts, after an
-    untimed run of the same shape. The same
-    engine serves both: the tree is emptied and detached (the scheduler then runs exactly as with
-    enable_prefix_cache=False) and attached again. Reported: tokens over time summed per mode,
-    and the engine thread's host time per decode row (the cache's cost is host work)."""
+    untimed run of the same shape. The same engine serves both: the tree is emptied and
+    detached (the scheduler then runs exactly as with enable_prefix_cache=False) and attached
+    again. Reported: tokens over time summed per mode, and the engine thread's host time per
+    decode row (the cache's cost is host work)."""
     rng = random.Random(3)
     per_run = max(1, count // 6)
     tree = engine.scheduler.tree

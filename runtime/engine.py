@@ -91,8 +91,7 @@ class Engine:
     def _init(self, config: EngineConfig) -> None:
         self.device = _pick_device(config.device)
         if config.max_batch_tokens is None:
-            memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
-            config = replace(config, max_batch_tokens=default_batch_tokens(self.device.type, memory))
+            config = replace(config, max_batch_tokens=_batch_tokens(self.device))
         self.config = config  # max_batch_tokens resolved: what this engine runs with
         if self.device.type == "cpu":
             keep_tensor_buffers_in_heap()
@@ -479,6 +478,12 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
     return table[name]
+
+
+def _batch_tokens(device: torch.device) -> int:
+    """The step token budget of a config that leaves it None, by device and its memory."""
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    return default_batch_tokens(device.type, memory)
 
 
 def _kv_budget(config: EngineConfig, device: torch.device) -> int:

@@ -44,16 +44,23 @@ def test_burst_host_inputs_hold_every_step() -> None:
         build_host_inputs(DecodeRows([1], [8], [[5, 6]]), None, 1, max_bs, page, dummy_slot, steps=2)
 
 
+def _scheduler_with_two(max_model_len: int, first_max_tokens: int) -> tuple[Scheduler, Request, Request]:
+    """A scheduler (pages of 4 tokens) holding a 3-token prompt with `first_max_tokens` and a
+    4-token prompt with max_tokens 100, both added."""
+    config = EngineConfig(page_size=4, max_running=4, max_batch_tokens=64, max_model_len=max_model_len)
+    scheduler = Scheduler(config, num_pages=32)
+    first = Request("first", 0, [5, 6, 7], SamplingParams(max_tokens=first_max_tokens, temperature=0), lambda d: None)
+    second = Request("second", 0, [8, 9, 10, 11], SamplingParams(max_tokens=100, temperature=0), lambda d: None)
+    for req in (first, second):
+        scheduler.add(req)
+    return scheduler, first, second
+
+
 def test_burst_length_stops_at_the_context_limit_not_at_max_tokens() -> None:
     """A request one token from max_tokens does not shorten the batch's burst (the fold cuts
     its tokens past it); one near the context limit does, and the burst's KV pages are
     reserved for every step."""
-    config = EngineConfig(page_size=4, max_running=4, max_batch_tokens=64, max_model_len=20)
-    scheduler = Scheduler(config, num_pages=32)
-    short = Request("short", 0, [5, 6, 7], SamplingParams(max_tokens=2, temperature=0), lambda d: None)
-    long = Request("long", 0, [8, 9, 10, 11], SamplingParams(max_tokens=100, temperature=0), lambda d: None)
-    for req in (short, long):
-        scheduler.add(req)
+    scheduler, short, long = _scheduler_with_two(max_model_len=20, first_max_tokens=2)
     batch = scheduler.schedule(max_burst=8)  # the prefill of both: no burst
     assert batch.burst == 1
     scheduler.postprocess_computed(batch)
@@ -74,16 +81,11 @@ def test_burst_length_stops_at_the_context_limit_not_at_max_tokens() -> None:
 def test_a_request_finishing_in_flight_has_no_row_and_keeps_the_burst() -> None:
     """With the overlapped loop a request that the step in flight takes to max_tokens gets no
     placeholder (engine_loop.py): it is left out of the next step, which may still be a burst."""
-    config = EngineConfig(page_size=4, max_running=4, max_batch_tokens=64, max_model_len=64)
-    scheduler = Scheduler(config, num_pages=32)
-    done = Request("done", 0, [5, 6, 7], SamplingParams(max_tokens=1, temperature=0), lambda d: None)
-    going = Request("going", 0, [8, 9, 10, 11], SamplingParams(max_tokens=100, temperature=0), lambda d: None)
-    for req in (done, going):
-        scheduler.add(req)
+    scheduler, done, going = _scheduler_with_two(max_model_len=64, first_max_tokens=1)
     scheduler.postprocess_computed(scheduler.schedule(max_burst=8))  # both prefilled, tokens in flight
     going.output_ids.append(0)  # the placeholder; `done` gets none
     batch = scheduler.schedule(max_burst=8)
-    assert [s.request.request_id for s in batch.seqs] == ["going"] and batch.burst == 8
+    assert [s.request for s in batch.seqs] == [going] and batch.burst == 8
 
 
 # ------------------------------------------------------------------ folding a burst's tokens
