@@ -111,6 +111,11 @@ def main() -> int:
     ap.add_argument("--tokenizer-dir", type=Path, default=REPO / "build" / "gpu_assets" / "tokenizer")
     ap.add_argument("--prefill-kernels", type=int, default=0, metavar="GROUPS",
                     help="then profile the kernels of a prefill-only gsp of GROUPS groups (torch.profiler)")
+    ap.add_argument("--torch-ops", action="store_true",
+                    help="instead of cProfile: torch.profiler (CPU and CUDA) over the run; the ops and CUDA "
+                         "runtime calls with the most host time, with the prefill steps' labelled")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="with --torch-ops: also write the run's Chrome trace (host ops and kernels) here")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=INT",
                     help="extra integer Engine arguments, e.g. decode_burst=8")
     args = ap.parse_args()
@@ -126,21 +131,62 @@ def main() -> int:
                          for groups in sorted({min(args.groups, 2), args.groups})])
     reqs = gsp(shape, VOCAB_RANGE, seed=1)
     loop = engine._loop
-    # cProfile (Python 3.12) sees every thread: hold the engine thread until every request is
-    # queued, so the submitting thread's work stays out of the steps' profiles.
-    release = threading.Event()
-    loop.inbox.put(Call(release.wait, Future()))
-    threading.Thread(target=_release_when_queued, args=(loop, len(reqs), release), daemon=True).start()
-    with StepProfiles(loop) as profiles:
-        m = run_radixserve(engine, reqs, name="gsp-profiled")
-        engine.wait_idle()
-    print(f"gsp {args.groups} x 16 on {args.model}: {m.wall_s:.2f} s with cProfile on, "
-          f"{m.output_tps:,.0f} out tok/s")
-    print(profiles.report(args.top))
+    if args.torch_ops:
+        print(torch_ops(engine, reqs, args.top, args.trace))
+    else:
+        # cProfile (Python 3.12) sees every thread: hold the engine thread until every request
+        # is queued, so the submitting thread's work stays out of the steps' profiles.
+        release = threading.Event()
+        loop.inbox.put(Call(release.wait, Future()))
+        threading.Thread(target=_release_when_queued, args=(loop, len(reqs), release), daemon=True).start()
+        with StepProfiles(loop) as profiles:
+            m = run_radixserve(engine, reqs, name="gsp-profiled")
+            engine.wait_idle()
+        print(f"gsp {args.groups} x 16 on {args.model}: {m.wall_s:.2f} s with cProfile on, "
+              f"{m.output_tps:,.0f} out tok/s")
+        print(profiles.report(args.top))
     if cuda and args.prefill_kernels:
         print(prefill_kernels(engine, GSPShape(args.prefill_kernels, 16, args.prefix, args.question, 1), args.top))
     engine.shutdown()
     return 0
+
+
+def torch_ops(engine: Engine, reqs: list, top: int, trace: Path | None = None) -> str:  # noqa: ANN001
+    """torch.profiler over a gsp run: host time by op and CUDA runtime call (what a step's
+    launches cost, without cProfile's per-call overhead), every step in a labelled range."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    loop = engine._loop
+
+    def labelled(obj: object, attr: str, label: str) -> None:
+        fn = getattr(obj, attr)
+
+        def wrapped(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            with record_function(label):
+                return fn(*a, **kw)
+
+        setattr(obj, attr, wrapped)  # an instance attribute over the class's method
+
+    parts = ((loop, "step", "#engine-step"), (loop, "_fold", "#fold"), (loop.scheduler, "schedule", "#schedule"),
+             (loop.runner, "launch", "#launch"), (loop.runner, "_forward_eager", "#forward-eager"),
+             (loop.runner, "_forward_graph", "#forward-graph"), (loop.runner, "_plan_cascade", "#plan-cascade"))
+    for obj, attr, label in parts:
+        labelled(obj, attr, label)
+    try:
+        # The profiler records the thread that starts it: start and stop it on the engine thread.
+        prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        engine.call_on_loop(prof.start)
+        m = run_radixserve(engine, reqs, name="gsp-torch-ops")
+        engine.wait_idle()
+        engine.call_on_loop(prof.stop)
+    finally:
+        for obj, attr, _ in parts:
+            delattr(obj, attr)
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+    return f"gsp with torch.profiler on: {m.wall_s:.2f} s, {m.output_tps:,.0f} out tok/s\n{table}"
 
 
 def prefill_kernels(engine: Engine, shape: GSPShape, top: int) -> str:
