@@ -81,6 +81,7 @@ __all__ = [
     "build_host_inputs",
     "bucket_for",
     "capture_batch_sizes",
+    "copier",
     "group_cap",
     "split_groups",
 ]
@@ -459,7 +460,7 @@ class DecodeGraphs:
         return self.model(self.forward_batch(bucket, cascade), self.kv_cache)
 
     def _upload(self, host: HostDecodeInputs) -> None:
-        copy = _copier(self.device)
+        copy = copier(self.device)
         copy(self.i64[: host.i64.shape[0]], host.i64)
         copy(self.i32, host.i32)
         if host.page_table is not None:
@@ -473,7 +474,7 @@ class DecodeGraphs:
             copy(dst[: src.shape[0], : src.shape[1]], src)
 
 
-def _copier(device: torch.device):  # noqa: ANN202 - a small closure
+def copier(device: torch.device):  # noqa: ANN202 - a small closure
     """copy(dst_view, numpy array): pinned non-blocking on CUDA, a plain copy on the CPU."""
     if device.type == "cuda":
 

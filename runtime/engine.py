@@ -16,10 +16,12 @@ import logging
 import threading
 import time
 import uuid
+from array import array
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Sequence, TypeVar, Union
 
+import numpy as np
 import torch
 
 from radixserve.runtime.config import EngineConfig, default_batch_tokens
@@ -355,10 +357,10 @@ class Engine:
         if not self.healthy():
             # Queued work would only wait behind the stuck step: refuse it (503) instead.
             raise EngineDead("the engine is not responding (a step is stuck)")
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids, lowest, highest = _prompt_ids(self.tokenize(prompt) if isinstance(prompt, str) else prompt)
         if not ids:
             raise InvalidParams("prompt", "the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
+        if lowest < 0 or highest >= self.vocab_size:
             raise InvalidParams("prompt", f"token ids must be in [0, {self.vocab_size})")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLong(len(ids), params.max_tokens, self.max_model_len)
@@ -444,6 +446,21 @@ class _Collector:
 # The collector's first-generation threshold while an engine serves on a GPU (CPython's default
 # is 700 container allocations).
 GC_GEN0_THRESHOLD = 50_000
+
+
+def _prompt_ids(prompt: Sequence[int]) -> tuple[list[int], int, int]:
+    """(ids as a list of ints, smallest, largest) of a token-id prompt, in C loops: `array`
+    refuses anything that is not an integer (floats, strings) and takes numpy integers. It is
+    on every request's path to its first token: for an 8k-token prompt ~0.4 ms instead of ~0.9
+    for `[int(t) for t in prompt]` and min/max (2-core CPU)."""
+    try:
+        packed = array("q", prompt)
+    except (TypeError, OverflowError) as exc:
+        raise InvalidParams("prompt", f"token ids must be integers ({exc})") from None
+    if not packed:
+        return [], 0, 0
+    values = np.frombuffer(packed, dtype=np.int64)
+    return packed.tolist(), int(values.min()), int(values.max())
 
 
 def _tune_gc() -> None:

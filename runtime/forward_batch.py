@@ -130,12 +130,23 @@ class SeqStep:
         return len(self.token_ids) - self.logits_from if self.logits_from >= 0 else -self.logits_from
 
 
-def build_forward_batch(seqs: Sequence[SeqStep], page_size: int, device: torch.device | str) -> ForwardBatch:
-    """Flatten the steps of `seqs` (in order) into a ForwardBatch on `device`.
+@dataclass(frozen=True)
+class HostBatch:
+    """The index arithmetic of a step on the host (numpy), before it crosses to a device:
+    what `build_forward_batch` uploads, and what prefill graphs pad into their static buffers."""
 
-    Pure: reads only its arguments. All index arithmetic runs on the host (numpy); each tensor
-    then crosses to the device in one non-blocking copy (from pinned memory on CUDA), so
-    building a batch never synchronizes the device.
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    out_slots: np.ndarray  # [T] int64
+    page_table: np.ndarray  # [B, max_pages] int32, padded with 0
+    seq_lens: np.ndarray  # [B] int64
+    extend_lens: np.ndarray  # [B] int64
+    cu_extend: np.ndarray  # [B + 1] int64
+    logits_indices: np.ndarray  # [S] int64
+
+
+def host_batch(seqs: Sequence[SeqStep], page_size: int) -> HostBatch:
+    """Flatten the steps of `seqs` (in order) on the host. Pure: reads only its arguments.
 
         seq i: new tokens at positions start_i .. seq_len_i - 1
         out_slots[t] = pages_i[pos // page_size] * page_size + pos % page_size
@@ -145,7 +156,6 @@ def build_forward_batch(seqs: Sequence[SeqStep], page_size: int, device: torch.d
         raise ValueError("build_forward_batch: no sequences")
     if not 1 <= page_size <= 64:
         raise ValueError(f"build_forward_batch: page_size must be in 1..64, got {page_size}")
-    device = torch.device(device)
     b = len(seqs)
     extend_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=b)
     seq_lens = np.fromiter((s.seq_len for s in seqs), dtype=np.int64, count=b)
@@ -177,6 +187,18 @@ def build_forward_batch(seqs: Sequence[SeqStep], page_size: int, device: torch.d
             first = lo + (s.logits_from if s.logits_from >= 0 else hi - lo + s.logits_from)
             logits_rows.append(np.arange(first, hi, dtype=np.int64))
     logits_indices = np.concatenate(logits_rows) if logits_rows else np.empty(0, dtype=np.int64)
+    return HostBatch(input_ids, positions, out_slots, page_table, seq_lens, extend_lens, cu_extend, logits_indices)
+
+
+def build_forward_batch(seqs: Sequence[SeqStep], page_size: int, device: torch.device | str) -> ForwardBatch:
+    """Flatten the steps of `seqs` (in order) into a ForwardBatch on `device` (`host_batch`).
+
+    Pure: reads only its arguments. All index arithmetic runs on the host (numpy); each tensor
+    then crosses to the device in one non-blocking copy (from pinned memory on CUDA), so
+    building a batch never synchronizes the device.
+    """
+    h = host_batch(seqs, page_size)
+    device = torch.device(device)
 
     def to_device(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
@@ -187,16 +209,16 @@ def build_forward_batch(seqs: Sequence[SeqStep], page_size: int, device: torch.d
         return t.to(device, non_blocking=True)
 
     return ForwardBatch(
-        input_ids=to_device(input_ids, torch.int64),
-        positions=to_device(positions, torch.int64),
-        out_slots=to_device(out_slots, torch.int64),
-        page_table=to_device(page_table, torch.int32),
-        seq_lens=to_device(seq_lens, torch.int32),
-        extend_lens=to_device(extend_lens, torch.int32),
-        cu_extend=to_device(cu_extend, torch.int32),
-        logits_indices=to_device(logits_indices, torch.int64),
-        seq_lens_cpu=tuple(int(x) for x in seq_lens),
-        extend_lens_cpu=tuple(int(x) for x in extend_lens),
+        input_ids=to_device(h.input_ids, torch.int64),
+        positions=to_device(h.positions, torch.int64),
+        out_slots=to_device(h.out_slots, torch.int64),
+        page_table=to_device(h.page_table, torch.int32),
+        seq_lens=to_device(h.seq_lens, torch.int32),
+        extend_lens=to_device(h.extend_lens, torch.int32),
+        cu_extend=to_device(h.cu_extend, torch.int32),
+        logits_indices=to_device(h.logits_indices, torch.int64),
+        seq_lens_cpu=tuple(int(x) for x in h.seq_lens),
+        extend_lens_cpu=tuple(int(x) for x in h.extend_lens),
         page_size=page_size,
     )
 

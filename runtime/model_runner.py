@@ -36,6 +36,7 @@ from radixserve.runtime.constraints import allocate_bitmask, apply_bitmask
 from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows
 from radixserve.runtime.forward_batch import SeqStep, build_forward_batch
 from radixserve.runtime.kv_cache import KVCache
+from radixserve.runtime.prefill_graphs import PrefillGraphs
 from radixserve.runtime.outputs import TokenLogprob
 from radixserve.runtime.request import Request
 from radixserve.runtime.sampler import SampleOutput, Sampler, SamplingBatch, prompt_logprobs
@@ -153,21 +154,28 @@ class ModelRunner:
         self.burst_launches = 0  # launches that ran a decode burst (metrics)
         self.split_steps = 0  # mixed steps whose decode rows replayed a graph (metrics)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         # Benchmarks: time each step's device work with CUDA events (PendingStep.device_s).
         self.profile = False
         self._cascade_planner = CascadePlanner(self.page_size)
 
     def enable_cuda_graphs(self, *, max_bs: int, max_model_len: int, dummy_page: int, num_heads: int,
-                           num_kv_heads: int, use_graphs: bool | None = None, max_steps: int = 1) -> DecodeGraphs:
+                           num_kv_heads: int, use_graphs: bool | None = None, max_steps: int = 1,
+                           prefill: bool = True) -> DecodeGraphs:
         """Capture decode graphs for batch sizes up to `max_bs` (see runtime/cuda_graphs.py),
-        for decode bursts of up to `max_steps`. `dummy_page` must be a page of the KV pool
-        that the allocator never hands out."""
+        for decode bursts of up to `max_steps`, and with `prefill` graphs for small prefill
+        steps (runtime/prefill_graphs.py). `dummy_page` must be a page of the KV pool that the
+        allocator never hands out."""
         graphs = DecodeGraphs(
             self.model, self.kv_cache, max_bs=max_bs, max_model_len=max_model_len, dummy_page=dummy_page,
             num_heads=num_heads, num_kv_heads=num_kv_heads, use_graphs=use_graphs, max_steps=max_steps,
         )
         graphs.capture()
         self.graphs = graphs
+        if prefill:
+            self.prefill_graphs = PrefillGraphs(self.model, self.kv_cache, max_model_len=max_model_len,
+                                                dummy_page=dummy_page, use_graphs=use_graphs)
+            self.prefill_graphs.capture()
         return graphs
 
     def run(self, batch: ScheduledBatch) -> StepOutput:
@@ -256,14 +264,20 @@ class ModelRunner:
         if num_graph_rows:
             n = num_graph_rows
             head = self._forward_graph(seqs[:n], plan, [c for c in carried if c[0] < n], carry_tokens, 1)
-            tail, tail_rows = self._forward_eager(seqs[n:], None, [(i - n, j) for i, j in carried if i >= n],
-                                                  carry_tokens)
+            rest = seqs[n:]
+            tail_carry = self._carry_ids(rest, [(i - n, j) for i, j in carried if i >= n], carry_tokens)
+            tail, tail_rows = self._forward_eager(rest, self._seq_steps(rest), None, tail_carry)
             return torch.cat([head, tail]), list(range(n)) + [n + r for r in tail_rows], True
         if self._use_graph(seqs, plan):
             return self._forward_graph(seqs, plan, carried, carry_tokens, burst), list(range(len(seqs) + 1)), True
         if burst > 1:
             raise ValueError(f"a decode burst of {len(seqs)} rows needs a CUDA graph that holds them")
-        logits, row_start = self._forward_eager(seqs, plan, carried, carry_tokens)
+        steps = self._seq_steps(seqs)
+        carry_ids = self._carry_ids(seqs, carried, carry_tokens)
+        if plan is None and self.prefill_graphs is not None and self.prefill_graphs.bucket(steps) is not None:
+            # One logits row per seq (its last new token): row_start is 0, 1, 2, ...
+            return self.prefill_graphs.run(steps, carry_ids), list(range(len(seqs) + 1)), True
+        logits, row_start = self._forward_eager(seqs, steps, plan, carry_ids)
         return logits, row_start, False
 
     def _forward_graph(self, seqs: list[ScheduledSeq], plan: CascadePlan | None, carried: list[tuple[int, int]],
@@ -277,10 +291,9 @@ class ModelRunner:
         )
         return self.graphs.run(rows, plan.groups if plan is not None else None, carried, carry_tokens, steps=burst)
 
-    def _forward_eager(self, seqs: list[ScheduledSeq], plan: CascadePlan | None, carried: list[tuple[int, int]],
-                       carry_tokens: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
-        """(logits rows, row_start) of any batch, by launching the model's kernels."""
-        steps = [
+    @staticmethod
+    def _seq_steps(seqs: list[ScheduledSeq]) -> list[SeqStep]:
+        return [
             SeqStep(
                 token_ids=s.request.tokens(s.start, s.end),
                 start=s.start,
@@ -289,19 +302,29 @@ class ModelRunner:
             )
             for s in seqs
         ]
+
+    def _carry_ids(self, seqs: list[ScheduledSeq], carried: list[tuple[int, int]],
+                   carry_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token indices in the step's flat token order, their ids on the device) of the
+        carried rows: the last new token of seq i sits at index cu_extend[i + 1] - 1."""
+        if not carried:
+            return None
+        assert carry_tokens is not None
+        ends = np.cumsum([s.num_new for s in seqs])
+        dst = self._index([int(ends[i]) - 1 for i, _ in carried])
+        return dst, carry_tokens.index_select(0, self._index([j for _, j in carried]))
+
+    def _forward_eager(self, seqs: list[ScheduledSeq], steps: list[SeqStep], plan: CascadePlan | None,
+                       carry_ids: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, list[int]]:
+        """(logits rows, row_start) of any batch, by launching the model's kernels."""
         forward_batch = build_forward_batch(steps, self.page_size, self.device)
         if plan is not None:
             cascade = build_cascade_info(
                 plan, [s.request.pages for s in seqs], [s.end for s in seqs], self.page_size, self.device
             )
             forward_batch = replace(forward_batch, cascade=cascade)
-        if carried:
-            # The last new token of seq i sits at token row cu_extend[i + 1] - 1.
-            ends = np.cumsum([s.num_new for s in seqs])
-            dst = self._index([int(ends[i]) - 1 for i, _ in carried])
-            src = self._index([j for _, j in carried])
-            assert carry_tokens is not None
-            forward_batch.input_ids.index_copy_(0, dst, carry_tokens.index_select(0, src))
+        if carry_ids is not None:
+            forward_batch.input_ids.index_copy_(0, *carry_ids)
         logits = self.model(forward_batch, self.kv_cache)
         row_start = [0]
         for s in seqs:

@@ -365,8 +365,16 @@ def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int) -> None:
     ms_one = device_ms(lambda: extend_mod.extend_attention_impl(*args, **new_kv, num_splits=1))
     kv_bytes = 2 * (prefix + t) * h * d * 2  # K and V, bf16 (`_extend_case` has as many KV heads as query heads)
     shape = f"{t} new over {prefix} cached, {h}h P{p} bf16"
+    # Split counts and pipeline depths around the default (64 x 64 tiles, 4 warps at this size).
+    sweep = {}
+    for splits in (4, 8, 12, 16):
+        for stages in (2, 3, 4):
+            sweep[(splits, stages)] = device_ms(lambda: extend_mod.extend_attention_impl(
+                *args, **new_kv, num_splits=splits, num_stages=stages))
+    (best_splits, best_stages), best = min(sweep.items(), key=lambda kv: kv[1])
     row(f"extend d{d} short turn, split prefix", shape, f"{ms_split * 1e3:.1f} us",
-        f"{kv_bytes / ms_split / 1e6:,.0f} GB/s of KV; unsplit {ms_one * 1e3:.1f} us ({ms_one / ms_split:.2f}x)")
+        f"{kv_bytes / ms_split / 1e6:,.0f} GB/s of KV; unsplit {ms_one * 1e3:.1f} us ({ms_one / ms_split:.2f}x); "
+        f"sweep best {best * 1e3:.1f} us at {best_splits} splits, {best_stages} stages")
 
 
 def bench_extend(quick: bool) -> None:

@@ -1,10 +1,11 @@
-"""CUDA-graph decode batches and the overlapped engine loop, checked on the CPU.
+"""CUDA-graph decode batches, small prefill steps and the overlapped engine loop, on the CPU.
 
 Graph capture itself needs CUDA (tests/runtime/test_gpu_engine.py); everything around it does
 not: the capture sizes and buckets, the padding of a batch into the static buffers (padding
 rows read nothing and write only the dummy page), cascade groups cut to the graph's cap, and
 carried input tokens. `DecodeGraphs(use_graphs=False)` runs the model eagerly on exactly the
-padded static buffers a replay would read, so its logits must equal an unpadded forward.
+padded static buffers a replay would read, so its logits must equal an unpadded forward; so
+does `PrefillGraphs(use_graphs=False)` for prefill steps padded to a (tokens, requests) bucket.
 The overlapped engine loop must produce exactly what the synchronous loop produces.
 """
 
@@ -29,6 +30,7 @@ from radixserve.runtime.cuda_graphs import (
 )
 from radixserve.runtime.forward_batch import SeqStep, build_forward_batch
 from radixserve.runtime.kv_cache import KVCache
+from radixserve.runtime.prefill_graphs import PrefillGraphs
 from radixserve.runtime.loader import ResolvedModel, load_model
 from radixserve.runtime.model_config import NAMED_SHAPES
 
@@ -173,6 +175,78 @@ def test_carried_tokens_are_gathered_on_device() -> None:
     torch.testing.assert_close(got, expected)
 
 
+def _prefill_graphs(model, kv: KVCache, max_len: int) -> PrefillGraphs:  # noqa: ANN001
+    return PrefillGraphs(model, kv, max_model_len=max_len, dummy_page=kv.num_pages - 1, token_buckets=(16, 64),
+                         request_buckets=(1, 4), use_graphs=False)
+
+
+def test_prefill_bucket_and_padding_rules() -> None:
+    config, model = _tiny_model()
+    kv = _random_kv(config, 32, 4)
+    graphs = _prefill_graphs(model, kv, max_len=40)
+    a = SeqStep([5, 6, 7], start=6, pages=[3, 9, 4])  # 3 new tokens over 6 cached
+    b = SeqStep([8, 9], start=0, pages=[7], logits_from=None)  # a middle chunk: no logits wanted
+    assert graphs.bucket([a]) == (16, 1) and graphs.bucket([a, b]) == (16, 4)
+    assert graphs.bucket([SeqStep(list(range(17)), 0, list(range(5)))]) == (64, 1)
+    assert graphs.bucket([a] * 5) is None  # more requests than the largest bucket
+    assert graphs.bucket([SeqStep(list(range(65)), 0, list(range(17)))]) is None  # more tokens
+    assert graphs.bucket([SeqStep([1, 2], 0, [1], logits_from=0)]) is None  # prompt log-probabilities
+    assert graphs.bucket([SeqStep([1], 40, list(range(11)))]) is None  # past max_model_len
+
+    i64, i32, rows, table = graphs.host_inputs([a, b], 16)
+    ids, pos, slots = i64[:, :16]
+    assert ids[:5].tolist() == [5, 6, 7, 8, 9] and pos[:5].tolist() == [6, 7, 8, 0, 1]
+    # slot = pages[p // P] * P + p % P; padding tokens write the dummy slot (page 31)
+    assert slots[:5].tolist() == [9 * 4 + 2, 9 * 4 + 3, 4 * 4 + 0, 7 * 4 + 0, 7 * 4 + 1]
+    assert (slots[5:] == 31 * 4).all() and (ids[5:] == 0).all()
+    seq_lens, ext, cu = i32[:4], i32[4:8], i32[8:13]
+    assert seq_lens.tolist() == [9, 2, 0, 0] and ext.tolist() == [3, 2, 0, 0]
+    assert cu.tolist() == [0, 3, 5, 5, 5]  # padding requests own no token
+    assert rows.tolist() == [2, 4, 0, 0]  # each request's last new token
+    assert table.tolist() == [[3, 9, 4], [7, 0, 0]]
+    with pytest.raises(ValueError):
+        graphs.run([a] * 5)
+
+
+def test_padded_prefill_equals_unpadded_forward() -> None:
+    """A new turn over a cached prefix, a fresh prompt and a middle chunk, padded to the
+    (64, 4) bucket: the same logits rows as an unpadded forward, the same KV writes, a carried
+    token gathered on the device, and the padding tokens write only the dummy page."""
+    config, model = _tiny_model()
+    page, num_pages, max_len = 4, 64, 128
+    rng = random.Random(5)
+    free = rng.sample(range(num_pages - 1), num_pages - 1)
+    shapes = [(37, 9), (0, 21), (4, 6)]  # (cached, new) per request
+    steps = []
+    for i, (cached, new) in enumerate(shapes):
+        pages = [free.pop() for _ in range(-(-(cached + new) // page))]
+        tokens = [rng.randrange(config.vocab_size) for _ in range(new)]
+        steps.append(SeqStep(tokens, cached, pages, logits_from=None if i == 2 else -1))
+    previous = torch.tensor([111, 222, 333])
+    carried_ids = [steps[0].token_ids[:-1] + [333]] + [s.token_ids for s in steps[1:]]
+    unpadded = [SeqStep(t, s.start, s.pages, logits_from=-1) for t, s in zip(carried_ids, steps)]
+
+    kv_ref = _random_kv(config, num_pages, page)
+    kv_pad = _clone(kv_ref)
+    with torch.inference_mode():
+        expected = model(build_forward_batch(unpadded, page, "cpu"), kv_ref)
+        graphs = _prefill_graphs(model, kv_pad, max_len)
+        carry = (torch.tensor([shapes[0][1] - 1]), previous.index_select(0, torch.tensor([2])))
+        got = graphs.run(steps, carry)
+    assert graphs.bucket(steps) == (64, 4) and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    written = sorted(p[pos // page] * page + pos % page for s in steps for p in [s.pages]
+                     for pos in range(s.start, s.seq_len))
+    untouched = torch.ones(num_pages * page, dtype=torch.bool)
+    untouched[written] = False
+    untouched[(num_pages - 1) * page :] = False
+    for a, b in zip(kv_pad.k + kv_pad.v, kv_ref.k + kv_ref.v):
+        a, b = a.flatten(0, 1), b.flatten(0, 1)  # [slots, Hkv, D]
+        assert torch.equal(a[untouched], b[untouched])
+        torch.testing.assert_close(a[written], b[written], rtol=1e-4, atol=1e-4)
+        assert not torch.equal(a[(num_pages - 1) * page], b[(num_pages - 1) * page])
+
+
 # ------------------------------------------------------------------ the engine: overlap, graph inputs
 
 
@@ -235,13 +309,16 @@ def test_overlapped_loop_launches_no_step_past_max_tokens(max_tokens: int, pool_
 
 
 def test_graph_input_path_with_overlap_matches_sync_loop(sync_outputs: list, pool_at_rest, eager_graphs) -> None:  # noqa: ANN001
-    """Decode batches go through the padded static buffers (eager on the CPU), with carried
-    tokens and cascade groups, and still give the synchronous loop's outputs."""
+    """Decode batches and small prefill steps go through the padded static buffers of their
+    graphs (eager on the CPU), with carried tokens and cascade groups, and still give the
+    synchronous loop's outputs."""
     with Engine(model="default", page_size=16, num_pages=12, max_batch_tokens=256, max_model_len=320,
                 overlap=True) as engine:
         runner = eager_graphs(engine, max_bs=8)
         got = _run(engine, pool_at_rest)
-        assert runner.graph_steps > 0 and runner.graphs is not None and runner.graphs.replays == runner.graph_steps
+        assert runner.graphs is not None and runner.prefill_graphs is not None
+        assert runner.graphs.replays > 0 and runner.prefill_graphs.replays > 0
+        assert runner.graphs.replays + runner.prefill_graphs.replays == runner.graph_steps
     assert got == sync_outputs
 
 
