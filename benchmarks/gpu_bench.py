@@ -379,8 +379,7 @@ def sec_engine_workloads(source: str, args: argparse.Namespace, subset: list[Ben
                     max_batch_tokens=args.max_batch_tokens, max_model_len=16384, kv_cache_bytes=args.kv_gb << 30)
     kv_gib = sum(t.numel() * t.element_size() for t in engine.kv_cache.k + engine.kv_cache.v) / 2**30
     add("engine", "llama-1b engine start (dummy weights, graph capture)", f"{time.perf_counter() - t0:.1f} s",
-        note=f"CUDA graphs {engine.cuda_graphs}, overlap {engine.overlap}, "
-             f"{len(engine._loop.runner.graphs.sizes) if engine.cuda_graphs else 0} batch sizes x (plain, cascade); "
+        note=f"CUDA graphs {engine.cuda_graphs}, overlap {engine.overlap}, {_graph_summary(engine._loop.runner)}; "
              f"GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.1f} GiB, of it KV {kv_gib:.1f} GiB")
     runner = engine._loop.runner
     try:
@@ -445,6 +444,17 @@ def sec_engine_workloads(source: str, args: argparse.Namespace, subset: list[Ben
             sec_random(engine, args.random_requests)
     finally:
         free_engine(engine)
+
+
+def _graph_summary(runner) -> str:  # noqa: ANN001 - a ModelRunner
+    decode, prefill = runner.graphs, runner.prefill_graphs
+    if decode is None:
+        return "no graphs"
+    out = f"decode: {len(decode.sizes)} batch sizes x (plain, cascade) in {decode.capture_s:.1f} s"
+    if prefill is not None:
+        out += (f", prefill: {len(prefill.token_buckets)} token x {len(prefill.request_buckets)} request buckets "
+                f"in {prefill.capture_s:.1f} s")
+    return out
 
 
 def timed_run(engine: Engine, reqs: list[BenchRequest], name: str, *,

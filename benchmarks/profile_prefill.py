@@ -2,6 +2,7 @@
 
     python benchmarks/profile_prefill.py                  # llama-1b: gsp chunk, TTFT shapes
     python benchmarks/profile_prefill.py --top 40 --mm    # + the LM head's matmul variants
+    python benchmarks/profile_prefill.py --engine-ttft    # the TTFT pairs through the engine, by phase
 
 A prefill step runs eagerly (no CUDA graph), so the host launches its ~180 kernels one by one;
 where the host takes longer to launch a step than the device takes to run it, the device
@@ -15,6 +16,11 @@ torch.profiler's host time by op. Shapes:
   gsp chunk    128 requests x 128 new tokens over 2048 cached each (16k tokens: gsp's steps)
   ttft cold    1 request, 128 new tokens, nothing cached
   ttft warm    1 request, 128 new tokens over 8192 cached
+
+`--engine-ttft` runs those two TTFT shapes through an Engine instead (as gpu_bench's TTFT
+section does: interleaved pairs, medians) with a timer around each phase of the engine thread
+(schedule, launch, fold, release, ...) and the caller's own preparation of the request, so
+that a difference between the two TTFTs can be put on a phase.
 """
 
 from __future__ import annotations
@@ -127,6 +133,77 @@ def lm_head_variants(hidden: int, vocab: int) -> list[str]:
     return lines
 
 
+class PhaseTimers:
+    """Wall time per call of chosen methods (instance attributes over the class's methods)."""
+
+    def __init__(self, parts: list[tuple[object, str, str]]) -> None:
+        self.parts = parts
+        self.totals: dict[str, float] = {}
+
+    def __enter__(self) -> "PhaseTimers":
+        for obj, attr, label in self.parts:
+            fn = getattr(obj, attr)
+
+            def timed(*a, _fn=fn, _label=label, **kw):  # noqa: ANN002, ANN003, ANN202
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **kw)
+                finally:
+                    self.totals[_label] = self.totals.get(_label, 0.0) + time.perf_counter() - t0
+
+            setattr(obj, attr, timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for obj, attr, _ in self.parts:
+            delattr(obj, attr)
+
+    def take(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out
+
+
+def engine_ttft(model: str, cached: int, pairs: int = 15) -> list[str]:
+    """Cold (128 tokens) and warm (`cached` + 128) TTFT through the engine, by phase (medians)."""
+    from benchmarks.gpu_bench import VOCAB_RANGE, model_source
+    from benchmarks.workloads import random_ids
+    from radixserve.runtime import Engine, SamplingParams
+
+    cuda = torch.cuda.is_available()
+    engine = Engine(model=model_source(model, REPO / "build" / "gpu_assets" / "tokenizer"), load_format="dummy",
+                    page_size=16, max_model_len=cached + 256, kv_cache_bytes=(8 << 30) if cuda else None)
+    loop, runner, sched = engine._loop, engine._loop.runner, engine.scheduler
+    rng = random.Random(5)
+    prefix = random_ids(rng, cached, *VOCAB_RANGE)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    engine.generate(prefix + random_ids(rng, 128, *VOCAB_RANGE), params)
+    parts = [(engine, "_prepare", "caller: prepare"), (sched, "schedule", "schedule"),
+             (runner, "launch", "launch"), (loop, "_fold", "fold (wait included)"),
+             (sched, "postprocess_computed", "postprocess_computed"), (loop, "_release", "release")]
+    runner.profile = True
+    rows: dict[str, dict[str, list[float]]] = {"cold": {}, "warm": {}}
+    with PhaseTimers(parts) as timers:
+        for i in range(pairs + 2):
+            for side in (("cold", "warm") if i % 2 == 0 else ("warm", "cold")):
+                prompt = (prefix if side == "warm" else []) + random_ids(rng, 128, *VOCAB_RANGE)
+                before = engine.call_on_loop(loop.timing.snapshot)
+                t0 = time.perf_counter()
+                engine.generate(prompt, params)
+                wall = time.perf_counter() - t0
+                engine.wait_idle()
+                device = engine.call_on_loop(loop.timing.snapshot).since(before).device_s
+                phases = timers.take() | {"TTFT (generate wall)": wall, "device time of the step": device}
+                if i >= 2:  # the first pairs warm up
+                    for name, sec in phases.items():
+                        rows[side].setdefault(name, []).append(sec)
+    engine.shutdown()
+    lines = [f"   {'phase':28s} {'cold ms':>9s} {'warm ms':>9s}"]
+    for name in rows["warm"]:
+        c, w = (statistics.median(rows[s].get(name, [0.0])) * 1e3 for s in ("cold", "warm"))
+        lines.append(f"   {name:28s} {c:9.3f} {w:9.3f}")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-1b")
@@ -134,7 +211,12 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--mm", action="store_true", help="also time the LM head's matmul variants")
+    ap.add_argument("--engine-ttft", action="store_true", help="only the TTFT pairs through an engine, by phase")
     args = ap.parse_args()
+    if args.engine_ttft:
+        cached = 8192 if torch.cuda.is_available() else 1536  # tiny-llama (a CPU smoke run) has 2048 positions
+        print("\n".join([f"== engine TTFT by phase (medians), {args.model}"] + engine_ttft(args.model, cached)))
+        return 0
     cfg = NAMED_SHAPES[args.model]
     resolved = ResolvedModel(name=args.model, path=None, config=cfg, load_format="dummy", tokenizer_path=None)
     model = load_model(resolved, "cuda", torch.bfloat16, progress=False)

@@ -326,6 +326,7 @@ class DecodeGraphs:
         self._logits: torch.Tensor | None = None
         self._pool = None
         self.replays = 0
+        self.capture_s = 0.0  # how long `capture` took (compiles included)
         self._burst: _Burst | None = None  # the burst `next_step` continues
 
     # ------------------------------------------------------------------ static batches
@@ -388,8 +389,9 @@ class DecodeGraphs:
                         self._logits = out
                     self._graphs[(bucket, cascade)] = graph
         torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - t0
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self._graphs),
-                    ",".join(map(str, self.sizes)), time.perf_counter() - t0)
+                    ",".join(map(str, self.sizes)), self.capture_s)
 
     # ------------------------------------------------------------------ replay
     def bucket(self, batch_size: int) -> int | None:

@@ -99,6 +99,7 @@ class PrefillGraphs:
         self.page_table = torch.zeros(r, self.max_pages, dtype=torch.int32, device=dev)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
+        self.capture_s = 0.0  # how long `capture` took (compiles included)
 
     # ------------------------------------------------------------------ buckets and buffers
     def bucket(self, steps: Sequence[SeqStep]) -> tuple[int, int] | None:
@@ -176,9 +177,9 @@ class PrefillGraphs:
                         out = self.model(batch, self.kv_cache)
                     self._graphs[(tokens, requests)] = (graph, out)
         torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - t0
         logger.info("captured %d prefill CUDA graphs (tokens %s x requests %s) in %.1f s", len(self._graphs),
-                    ",".join(map(str, self.token_buckets)), ",".join(map(str, self.request_buckets)),
-                    time.perf_counter() - t0)
+                    ",".join(map(str, self.token_buckets)), ",".join(map(str, self.request_buckets)), self.capture_s)
 
     # ------------------------------------------------------------------ replay
     def run(self, steps: Sequence[SeqStep], carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
