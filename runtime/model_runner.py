@@ -7,6 +7,8 @@
         a decode batch (one new token and one logits row per request) replays a CUDA graph
         captured at start-up (runtime/cuda_graphs.py) instead of launching kernels; a decode
         burst replays it k times, each step's sampled tokens fed to the next on the device
+        a small prefill step (up to 4 requests, 512 new tokens, no prompt log-probabilities)
+        replays a prefill graph (runtime/prefill_graphs.py): one logits row per request
         last row of a sampling request -> mask (grammar) -> sampler -> next token
         other rows -> prompt log-probabilities of the tokens they predict
 
@@ -36,8 +38,8 @@ from radixserve.runtime.constraints import allocate_bitmask, apply_bitmask
 from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows
 from radixserve.runtime.forward_batch import SeqStep, build_forward_batch
 from radixserve.runtime.kv_cache import KVCache
-from radixserve.runtime.prefill_graphs import PrefillGraphs
 from radixserve.runtime.outputs import TokenLogprob
+from radixserve.runtime.prefill_graphs import PrefillGraphs
 from radixserve.runtime.request import Request
 from radixserve.runtime.sampler import SampleOutput, Sampler, SamplingBatch, prompt_logprobs
 from radixserve.runtime.scheduler import ScheduledBatch, ScheduledSeq
@@ -293,6 +295,7 @@ class ModelRunner:
 
     @staticmethod
     def _seq_steps(seqs: list[ScheduledSeq]) -> list[SeqStep]:
+        """The scheduler's seqs as the batch builders take them (token ids, pages, logits rows)."""
         return [
             SeqStep(
                 token_ids=s.request.tokens(s.start, s.end),

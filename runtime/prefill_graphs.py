@@ -133,7 +133,8 @@ class PrefillGraphs:
             seq_len_bound=self.max_model_len,
         )
 
-    def host_inputs(self, steps: Sequence[SeqStep], tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def host_inputs(self, steps: Sequence[SeqStep],
+                    tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(i64 [3, max_tokens], i32 [3 * max_requests + 1], logits_rows [max_requests], page
         table [len(steps), pages in use]) of `steps` padded to `tokens` (module docstring)."""
         h = host_batch(steps, self.page_size)

@@ -126,6 +126,9 @@ def test_rejections_are_clear(engine_p1: Engine) -> None:
         engine_p1.generate("", SamplingParams())
     with pytest.raises(InvalidParams, match="token ids"):
         engine_p1.generate([10**9], SamplingParams())
+    for bad in ([1, 2.5], [1, "2"], [2**70], [-1]):  # not integers, past int64, negative
+        with pytest.raises(InvalidParams, match="token ids"):
+            engine_p1.generate(bad, SamplingParams(max_tokens=1))
     with pytest.raises(InvalidParams, match="top_p"):
         SamplingParams(top_p=0)
 
