@@ -26,10 +26,11 @@ BLOCK_N blocks (BLOCK_N divides BLOCK_M, so loops 2 and 3 start on block boundar
 A short new turn over a long cached history (an agent's tool result after 8k tokens of
 conversation) makes a grid too small for the GPU: 128 queries x 32 heads are 64 programs, each
 walking all 8k prefix keys alone. Such launches split loop 1 over S programs per tile (grid
-(query blocks x S, Hq, B); S from `choose_extend_splits`), the last of which also walks loops 2
-and 3; each writes its partial output and log-sum-exp, and decode_attention's stage 2 merges
-them (one more launch: measured on an H100, 128 new tokens over 8k cached take 56 us instead of
-153 at d64, 111 instead of 188 at d128).
+(query blocks x S, Hq, B); S from `choose_extend_splits`: as many as one wave of resident
+programs holds), the last of which also walks loops 2 and 3; each writes its partial output and
+log-sum-exp, and decode_attention's stage 2 merges them (one more launch: measured on an H100,
+128 new tokens over 8k cached take 56 us instead of 153 at d64, 111 instead of 188 at d128
+with ~2 programs per SM; see `choose_extend_splits` for a wave's worth).
 
 The PyTorch reference loops over requests: gather the request's pages (its prefix only when
 k_new/v_new are given), fp32 matmuls with a bottom-right causal mask.
@@ -411,8 +412,9 @@ def extend_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         raise ValueError("extend_attention: use_tma=True needs k_new and v_new")
     dot_f32, precision = dot_flags(q.dtype, interpreted)
     num_m_blocks = triton.cdiv(max_extend_len, bm)
-    splits = num_splits or choose_extend_splits(min(num_m_blocks * b, triton.cdiv(t, bm) + b) * hq,
-                                                page_table.shape[1] * page_size, num_sms(q.device))
+    splits = num_splits or choose_extend_splits(
+        min(num_m_blocks * b, triton.cdiv(t, bm) + b) * hq, page_table.shape[1] * page_size, num_sms(q.device),
+        resident_programs(bm, bn, block_d, ns, q.element_size(), q.device))
     if splits > 1:
         mid_o = torch.empty((t, hq, splits, d), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((t, hq, splits), dtype=torch.float32, device=q.device)
@@ -430,17 +432,40 @@ def extend_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return o
 
 
-def choose_extend_splits(programs: int, max_keys: int, sm_count: int, min_keys_per_split: int = 512,
-                         max_splits: int = 16) -> int:
+def choose_extend_splits(programs: int, max_keys: int, sm_count: int, per_sm: int = 2,
+                         min_keys_per_split: int = 512, max_splits: int = 16) -> int:
     """Prefix splits for a launch of about `programs` (tile, head) programs over at most
-    `max_keys` keys each: 1 once they fill the GPU, else enough for ~2 programs per SM, never
-    splits of fewer than `min_keys_per_split` keys. A short new turn over a long cached history
-    is the case: 128 queries over 8k cached tokens are 64 programs on a 132-SM GPU, each walking
-    8k keys (the layer waits on the slowest SM's stream of 2 MB)."""
+    `max_keys` keys each: 1 once they fill the GPU, else as many as fit one wave (`per_sm`
+    programs resident on each SM, `resident_programs`), never splits of fewer than
+    `min_keys_per_split` keys. A short new turn over a long cached history is the case: 128
+    queries over 8k cached tokens are 64 programs on a 132-SM GPU, each walking 8k keys (the
+    layer waits on the slowest SM's stream of 2 MB). One program more than a wave holds costs a
+    second wave: measured on an H100 (d128, 2 resident per SM), 4 splits 83 us, 5 splits 111."""
     if programs >= sm_count:
         return 1
-    want = -(-2 * sm_count // max(1, programs))
+    want = per_sm * sm_count // max(1, programs)
     return max(1, min(want, max_keys // min_keys_per_split, max_splits))
+
+
+def resident_programs(block_m: int, block_n: int, block_d: int, num_stages: int, element_size: int,
+                      device: torch.device) -> int:
+    """Extend programs of one tile configuration that an SM holds at once, by shared memory:
+    `num_stages` buffers of a K and a V block plus the query tile (an estimate of what Triton
+    allocates; registers bind later at these tile sizes)."""
+    smem = (num_stages * 2 * block_n + block_m) * block_d * element_size
+    return max(1, _smem_per_sm(device) // smem)
+
+
+@functools.lru_cache(maxsize=8)
+def _smem_per_sm_of(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_multiprocessor", 0)) or 228 * 1024
+
+
+def _smem_per_sm(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 228 * 1024  # the interpreter: an H100's, so CPU tests choose as the GPU would
+    return _smem_per_sm_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,

@@ -367,7 +367,7 @@ def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int) -> None:
     shape = f"{t} new over {prefix} cached, {h}h P{p} bf16"
     # Split counts and pipeline depths around the default (64 x 64 tiles, 4 warps at this size).
     sweep = {}
-    for splits in (4, 8, 12, 16):
+    for splits in (4, 5, 6, 8, 12, 16):
         for stages in (2, 3, 4):
             sweep[(splits, stages)] = device_ms(lambda: extend_mod.extend_attention_impl(
                 *args, **new_kv, num_splits=splits, num_stages=stages))

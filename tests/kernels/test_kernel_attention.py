@@ -98,10 +98,16 @@ def test_extend_triton_prefix_splits(page_size, splits, source):
 
 def test_choose_extend_splits():
     choose = extend_mod.choose_extend_splits
-    assert choose(64, 8320, 132) == 5  # 128 queries x 32 heads over 8k cached: ~2 programs per SM
+    # 128 queries x 32 heads over 8k cached: one wave of 2 (d128 tiles) or 3 (d64) programs per SM
+    assert choose(64, 8320, 132, per_sm=2) == 4 and choose(64, 8320, 132, per_sm=3) == 6
     assert choose(132, 8320, 132) == 1  # the grid fills the GPU already
     assert choose(64, 700, 132) == 1  # shares of at least 512 keys
     assert choose(1, 1 << 20, 132) == 16
+    # Shared memory per program: 3 stages of 64-key K and V blocks + a 64-query tile, bf16, d128
+    # = 112 KiB, two on an H100's 228 KiB; d64 with 4 stages = 72 KiB, three.
+    cpu = torch.device("cpu")
+    assert extend_mod.resident_programs(64, 64, 128, 3, 2, cpu) == 2
+    assert extend_mod.resident_programs(64, 64, 64, 4, 2, cpu) == 3
 
 
 @pytest.mark.parametrize("use_tma", [False, True])
