@@ -420,9 +420,14 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ results
     def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> None:
+        """Fold a step's tokens into its requests and stream the deltas. The step's streams
+        all go out first, then the bookkeeping of the requests that finished (caching a
+        sequence's pages in the tree takes a while): the last delta of a step where hundreds
+        of requests end together does not wait for the others' tree inserts."""
         counters = self.scheduler.counters
         limits = self.limits
         finished = RequestStatus.FINISHED
+        ended: list[Request] = []
         bursts = out.bursts if out.bursts is not None else repeat(None)
         for seq, token_id, logprob, prompt_lps, burst in zip(batch.seqs, out.token_ids, out.logprobs,
                                                              out.prompt_logprobs, bursts):
@@ -444,14 +449,17 @@ class EngineLoop:
                 else:
                     delta = process_sampled_burst(req, list(burst), limits)
                 counters.generation_tokens += len(delta.token_ids)
-                # The stream first, then the bookkeeping (caching a long sequence's pages in
-                # the tree takes a while): commands the callback queues run after both.
-                self._emit(req, delta)
+                self._emit(req, delta)  # commands the callback queues run after the step
                 if delta.finish_reason is not None:
-                    self._release(req)
+                    ended.append(req)
             except Exception as exc:  # noqa: BLE001 - one request's failure is its own
                 logger.exception("request %s failed", req.request_id)
                 self._end(req, "error", f"{type(exc).__name__}: {exc}")
+        for req in ended:
+            try:
+                self._release(req)
+            except Exception:  # noqa: BLE001 - one request's failure is its own
+                logger.exception("releasing request %s failed", req.request_id)
 
     @staticmethod
     def _record_prompt_logprobs(req: Request, first_row_pos: int, rows: list) -> None:

@@ -166,3 +166,26 @@ def test_engine_resolves_the_step_token_budget() -> None:
         assert engine.config.max_batch_tokens == 2048  # the CPU's default
         assert engine.scheduler.max_batch_tokens == 2048
 
+
+
+def test_a_step_streams_every_final_delta_before_releasing(engine_p16: Engine, pool_at_rest) -> None:  # noqa: ANN001
+    """Two continuations that end in the same step: when each final delta goes out, neither has
+    been released yet (releasing caches the sequence in the tree, which takes a while; the last
+    stream of a step where many requests end together must not wait for the others')."""
+    import threading
+
+    loop = engine_p16._loop
+    seen: list[int] = []
+    done = threading.Event()
+
+    def on_delta(delta) -> None:  # noqa: ANN001 - a StreamDelta
+        if delta.finish_reason is not None:
+            seen.append(len(loop._by_id.get(delta.request_id, [])))  # live siblings of this request
+            if len(seen) == 2:
+                done.set()
+
+    engine_p16.submit("The capital of France is", SamplingParams(n=2, max_tokens=3, temperature=0, ignore_eos=True),
+                      on_delta=on_delta)
+    assert done.wait(60)
+    assert seen == [2, 2]
+    pool_at_rest(engine_p16)
