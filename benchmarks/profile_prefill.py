@@ -93,11 +93,14 @@ def back_to_back_host_ms(fn, calls: int = 4) -> list[float]:  # noqa: ANN001
 
 
 def cprofile_top(fn, reps: int, top: int) -> str:  # noqa: ANN001
+    """cProfile of `reps` calls, each from an idle device (calls queued behind each other
+    would block in their launches once the queue fills, and that wait would show as own time)."""
     prof = cProfile.Profile()
-    prof.enable()
     for _ in range(reps):
+        torch.cuda.synchronize()
+        prof.enable()
         fn()
-    prof.disable()
+        prof.disable()
     torch.cuda.synchronize()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
