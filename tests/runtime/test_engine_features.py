@@ -4,6 +4,7 @@ streaming, abort, limits. Page accounting is checked at rest after each test."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -172,8 +173,6 @@ def test_a_step_streams_every_final_delta_before_releasing(engine_p16: Engine, p
     """Two continuations that end in the same step: when each final delta goes out, neither has
     been released yet (releasing caches the sequence in the tree, which takes a while; the last
     stream of a step where many requests end together must not wait for the others')."""
-    import threading
-
     loop = engine_p16._loop
     seen: list[int] = []
     done = threading.Event()
