@@ -12,7 +12,9 @@ import asyncio
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -58,6 +60,22 @@ def percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[k]
+
+
+@contextmanager
+def wrapped_methods(parts: Iterable[tuple[object, str, str]],
+                    wrap: Callable[[Callable, str], Callable]) -> Iterator[None]:
+    """For the block, `obj.attr` is `wrap(original bound method, label)` for each (obj, attr,
+    label): an instance attribute over the class's method (the engine's own calls `self.attr()`
+    find it), deleted afterwards so the method shows through again. Profilers use it."""
+    parts = list(parts)
+    for obj, attr, label in parts:
+        setattr(obj, attr, wrap(getattr(obj, attr), label))
+    try:
+        yield
+    finally:
+        for obj, attr, _ in parts:
+            delattr(obj, attr)
 
 
 class _PoolWatcher:

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu_bench import VOCAB_RANGE, model_source, warm_up  # noqa: E402
-from benchmarks.harness import run_radixserve  # noqa: E402
+from benchmarks.harness import run_radixserve, wrapped_methods  # noqa: E402
 from benchmarks.workloads import GSPShape, gsp  # noqa: E402
 from radixserve.runtime import Engine  # noqa: E402
 from radixserve.runtime.engine_loop import Call  # noqa: E402
@@ -159,30 +159,23 @@ def torch_ops(engine: Engine, reqs: list, top: int, trace: Path | None = None) -
 
     loop = engine._loop
 
-    def labelled(obj: object, attr: str, label: str) -> None:
-        fn = getattr(obj, attr)
-
+    def labelled(fn, label: str):  # noqa: ANN001, ANN202
         def wrapped(*a, **kw):  # noqa: ANN002, ANN003, ANN202
             with record_function(label):
                 return fn(*a, **kw)
 
-        setattr(obj, attr, wrapped)  # an instance attribute over the class's method
+        return wrapped
 
     parts = ((loop, "step", "#engine-step"), (loop, "_fold", "#fold"), (loop.scheduler, "schedule", "#schedule"),
              (loop.runner, "launch", "#launch"), (loop.runner, "_forward_eager", "#forward-eager"),
              (loop.runner, "_forward_graph", "#forward-graph"), (loop.runner, "_plan_cascade", "#plan-cascade"))
-    for obj, attr, label in parts:
-        labelled(obj, attr, label)
-    try:
+    with wrapped_methods(parts, labelled):
         # The profiler records the thread that starts it: start and stop it on the engine thread.
         prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         engine.call_on_loop(prof.start)
         m = run_radixserve(engine, reqs, name="gsp-torch-ops")
         engine.wait_idle()
         engine.call_on_loop(prof.stop)
-    finally:
-        for obj, attr, _ in parts:
-            delattr(obj, attr)
     if trace is not None:
         prof.export_chrome_trace(str(trace))
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)

@@ -137,29 +137,21 @@ def lm_head_variants(hidden: int, vocab: int) -> list[str]:
 
 
 class PhaseTimers:
-    """Wall time per call of chosen methods (instance attributes over the class's methods)."""
+    """Wall time of chosen methods while the block runs, summed per label (`take` to read and
+    reset)."""
 
-    def __init__(self, parts: list[tuple[object, str, str]]) -> None:
-        self.parts = parts
+    def __init__(self) -> None:
         self.totals: dict[str, float] = {}
 
-    def __enter__(self) -> "PhaseTimers":
-        for obj, attr, label in self.parts:
-            fn = getattr(obj, attr)
+    def wrap(self, fn, label: str):  # noqa: ANN001, ANN202 - for harness.wrapped_methods
+        def timed(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - t0
 
-            def timed(*a, _fn=fn, _label=label, **kw):  # noqa: ANN002, ANN003, ANN202
-                t0 = time.perf_counter()
-                try:
-                    return _fn(*a, **kw)
-                finally:
-                    self.totals[_label] = self.totals.get(_label, 0.0) + time.perf_counter() - t0
-
-            setattr(obj, attr, timed)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for obj, attr, _ in self.parts:
-            delattr(obj, attr)
+        return timed
 
     def take(self) -> dict[str, float]:
         out, self.totals = self.totals, {}
@@ -169,6 +161,7 @@ class PhaseTimers:
 def engine_ttft(model: str, cached: int, pairs: int = 15) -> list[str]:
     """Cold (128 tokens) and warm (`cached` + 128) TTFT through the engine, by phase (medians)."""
     from benchmarks.gpu_bench import VOCAB_RANGE, model_source
+    from benchmarks.harness import wrapped_methods
     from benchmarks.workloads import random_ids
     from radixserve.runtime import Engine, SamplingParams
 
@@ -185,7 +178,8 @@ def engine_ttft(model: str, cached: int, pairs: int = 15) -> list[str]:
              (sched, "postprocess_computed", "postprocess_computed"), (loop, "_release", "release")]
     runner.profile = True
     rows: dict[str, dict[str, list[float]]] = {"cold": {}, "warm": {}}
-    with PhaseTimers(parts) as timers:
+    timers = PhaseTimers()
+    with wrapped_methods(parts, timers.wrap):
         for i in range(pairs + 2):
             for side in (("cold", "warm") if i % 2 == 0 else ("warm", "cold")):
                 prompt = (prefix if side == "warm" else []) + random_ids(rng, 128, *VOCAB_RANGE)

@@ -25,8 +25,9 @@ class EngineConfig:
     CUDA 16384 with at least 60 GiB of device memory, else 8192 (a prefill chunk's launches
     and weight reads then amortize over more tokens; SGLang's chunked-prefill defaults).
     `kv_cache_bytes` sizes the KV pool when `num_pages` is not given.
-    `cuda_graphs` and `overlap` (None: on for CUDA, off on the CPU) switch decode-step CUDA
-    graphs (runtime/cuda_graphs.py) and the overlapped engine loop (engine_loop.py).
+    `cuda_graphs` and `overlap` (None: on for CUDA, off on the CPU) switch CUDA graphs for
+    decode steps and small prefill steps (runtime/cuda_graphs.py, runtime/prefill_graphs.py)
+    and the overlapped engine loop (engine_loop.py).
     `schedule_policy` "lpm" admits waiting requests longest-cached-prefix first (falling back
     to arrival order when more than `lpm_max_waiting` wait, as matching every waiting prompt
     each step would cost more than it saves); "fcfs" is arrival order.

@@ -63,7 +63,7 @@ import bisect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ __all__ = [
     "build_host_inputs",
     "bucket_for",
     "capture_batch_sizes",
+    "capture_graph",
     "copier",
     "group_cap",
     "split_groups",
@@ -376,15 +377,9 @@ class DecodeGraphs:
             for bucket in reversed(self.sizes):
                 for cascade in kinds:
                     batch = self.forward_batch(bucket, cascade)
-                    # Warm up off the capture (Triton compiles each specialization on first use).
-                    stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(stream):
-                        self.model(batch, self.kv_cache)
-                    torch.cuda.current_stream(self.device).wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
                     shared = None if self._logits is None else self._logits[:bucket]
-                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                        out = self.model(batch, self.kv_cache, logits_out=shared)
+                    graph, out = capture_graph(lambda: self.model(batch, self.kv_cache, logits_out=shared),
+                                               self._pool, stream)
                     if self._logits is None:
                         self._logits = out
                     self._graphs[(bucket, cascade)] = graph
@@ -474,6 +469,22 @@ class DecodeGraphs:
                 raise ValueError(f"a page table row of {src.shape[1]} pages exceeds max_model_len "
                                  f"({self.max_pages} pages)")
             copy(dst[: src.shape[0], : src.shape[1]], src)
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], pool: object,
+                  stream: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, output) of `fn` captured on `stream` into memory `pool`, after one run of `fn`
+    on that stream outside the capture: Triton compiles each kernel specialization on its first
+    call, which a capture must not contain."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        fn()
+    current.wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        out = fn()
+    return graph, out
 
 
 def copier(device: torch.device):  # noqa: ANN202 - a small closure

@@ -276,9 +276,11 @@ class ModelRunner:
             raise ValueError(f"a decode burst of {len(seqs)} rows needs a CUDA graph that holds them")
         steps = self._seq_steps(seqs)
         carry_ids = self._carry_ids(seqs, carried, carry_tokens)
-        if plan is None and self.prefill_graphs is not None and self.prefill_graphs.bucket(steps) is not None:
+        prefill = self.prefill_graphs if plan is None else None
+        key = prefill.bucket(steps) if prefill is not None else None
+        if prefill is not None and key is not None:
             # One logits row per seq (its last new token): row_start is 0, 1, 2, ...
-            return self.prefill_graphs.run(steps, carry_ids), list(range(len(seqs) + 1)), True
+            return prefill.run(steps, carry_ids, key), list(range(len(seqs) + 1)), True
         logits, row_start = self._forward_eager(seqs, steps, plan, carry_ids)
         return logits, row_start, False
 

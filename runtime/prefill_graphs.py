@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from radixserve.runtime.cuda_graphs import bucket_for, copier
+from radixserve.runtime.cuda_graphs import bucket_for, capture_graph, copier
 from radixserve.runtime.forward_batch import ForwardBatch, SeqStep, host_batch
 from radixserve.runtime.kv_cache import KVCache
 
@@ -169,26 +169,22 @@ class PrefillGraphs:
             for tokens in reversed(self.token_buckets):
                 for requests in reversed(self.request_buckets):
                     batch = self.forward_batch(tokens, requests)
-                    stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(stream):  # warm up off the capture: Triton compiles here
-                        self.model(batch, self.kv_cache)
-                    torch.cuda.current_stream(self.device).wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        out = self.model(batch, self.kv_cache)
-                    self._graphs[(tokens, requests)] = (graph, out)
+                    self._graphs[(tokens, requests)] = capture_graph(lambda: self.model(batch, self.kv_cache),
+                                                                     pool, stream)
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d prefill CUDA graphs (tokens %s x requests %s) in %.1f s", len(self._graphs),
                     ",".join(map(str, self.token_buckets)), ",".join(map(str, self.request_buckets)), self.capture_s)
 
     # ------------------------------------------------------------------ replay
-    def run(self, steps: Sequence[SeqStep], carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def run(self, steps: Sequence[SeqStep], carry: tuple[torch.Tensor, torch.Tensor] | None = None,
+            key: tuple[int, int] | None = None) -> torch.Tensor:
         """Logits [len(steps), vocab] fp32: row i from the last new token of steps[i].
 
         `carry` = (token indices in the steps' flat token order, their token ids), both on the
-        device: input tokens the previous step sampled, written over the uploaded ones."""
-        key = self.bucket(steps)
+        device: input tokens the previous step sampled, written over the uploaded ones. `key`:
+        `bucket(steps)` where the caller has it already."""
+        key = key or self.bucket(steps)
         if key is None:
             raise ValueError(f"a prefill step of {len(steps)} requests and "
                              f"{sum(len(s.token_ids) for s in steps)} tokens fits no prefill graph")

@@ -358,7 +358,7 @@ def _extend_prefix_heavy(prefix: int, t: int, h: int, d: int, p: int) -> None:
 def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int) -> None:
     """One request's short new turn over a long cached history (cached-prefix TTFT, agent
     turns): the default launch (prefix keys split over several programs) vs one program per tile."""
-    args, new_kv, flops = _extend_case(t, h, d, p, torch.bfloat16, prefix=prefix)
+    args, new_kv, _ = _extend_case(t, h, d, p, torch.bfloat16, prefix=prefix)
     check(f"extend d{d} short turn {t} over {prefix}", K.extend_attention(*args, **new_kv),
           K.extend_attention_reference(*args), 2e-2)
     ms_split = device_ms(lambda: K.extend_attention(*args, **new_kv))
