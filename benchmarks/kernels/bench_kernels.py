@@ -236,10 +236,11 @@ def _new_kv(k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, seq: list[int
     return {"k_new": k.flatten(0, 1)[slots], "v_new": v.flatten(0, 1)[slots]}
 
 
-def _extend_case(t: int, h: int, d: int, p: int, dtype: torch.dtype, prefix: int = 0):
-    """One request of `prefix` cached + t new tokens: (args, {k_new, v_new}, causal FLOPs)."""
+def _extend_case(t: int, h: int, d: int, p: int, dtype: torch.dtype, prefix: int = 0, hkv: int | None = None):
+    """One request of `prefix` cached + t new tokens, `hkv` KV heads (default: as many as query
+    heads): (args, {k_new, v_new}, causal FLOPs)."""
     n = prefix + t
-    k, v, table = paged_kv([n], p, h, d, dtype)
+    k, v, table = paged_kv([n], p, hkv or h, d, dtype)
     q = torch.randn(t, h, d, device=DEV, dtype=dtype)
     i32 = dict(dtype=torch.int32, device=DEV)
     args = (q, k, v, table, torch.tensor([n], **i32), torch.tensor([t], **i32), torch.tensor([0, t], **i32), t,
@@ -357,14 +358,15 @@ def _extend_prefix_heavy(prefix: int, t: int, h: int, d: int, p: int) -> None:
 
 def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int) -> None:
     """One request's short new turn over a long cached history (cached-prefix TTFT, agent
-    turns): the default launch (prefix keys split over several programs) vs one program per tile."""
-    args, new_kv, _ = _extend_case(t, h, d, p, torch.bfloat16, prefix=prefix)
+    turns), with Llama's 4 query heads per KV head: the default launch (prefix keys split over
+    several programs) vs one program per tile, and a sweep of split counts and pipeline depths."""
+    hkv = max(1, h // 4)
+    args, new_kv, flops = _extend_case(t, h, d, p, torch.bfloat16, prefix=prefix, hkv=hkv)
     check(f"extend d{d} short turn {t} over {prefix}", K.extend_attention(*args, **new_kv),
           K.extend_attention_reference(*args), 2e-2)
     ms_split = device_ms(lambda: K.extend_attention(*args, **new_kv))
     ms_one = device_ms(lambda: extend_mod.extend_attention_impl(*args, **new_kv, num_splits=1))
-    kv_bytes = 2 * (prefix + t) * h * d * 2  # K and V, bf16 (`_extend_case` has as many KV heads as query heads)
-    shape = f"{t} new over {prefix} cached, {h}h P{p} bf16"
+    shape = f"{t} new over {prefix} cached, {h}/{hkv}h P{p} bf16"
     # Split counts and pipeline depths around the default (64 x 64 tiles, 4 warps at this size).
     sweep = {}
     for splits in (4, 5, 6, 8, 12, 16):
@@ -373,7 +375,7 @@ def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int) -> None:
                 *args, **new_kv, num_splits=splits, num_stages=stages))
     (best_splits, best_stages), best = min(sweep.items(), key=lambda kv: kv[1])
     row(f"extend d{d} short turn, split prefix", shape, f"{ms_split * 1e3:.1f} us",
-        f"{kv_bytes / ms_split / 1e6:,.0f} GB/s of KV; unsplit {ms_one * 1e3:.1f} us ({ms_one / ms_split:.2f}x); "
+        f"{flops / ms_split / 1e9:.0f} TFLOP/s; unsplit {ms_one * 1e3:.1f} us ({ms_one / ms_split:.2f}x); "
         f"sweep best {best * 1e3:.1f} us at {best_splits} splits, {best_stages} stages")
 
 
