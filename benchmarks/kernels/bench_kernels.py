@@ -443,13 +443,21 @@ def bench_cascade(copy_gbs: float) -> None:
 
 
 def bench_cascade_graph(copy_gbs: float) -> None:
-    """The shared-prefix op as llama-1b's 1024-row decode graph runs it on gsp: d64, 64 groups of
-    16 in 1024 group slots (the graph passes one per row; the rest are empty), the context limit
-    as the length bounds; default tuning, then a sweep of the tile, warp and stage settings
+    """The shared-prefix op as llama-1b's decode graphs run it on gsp (d64, the context limit as
+    the length bounds, one group slot per row, the rest empty): the 1024-row graph (64 groups of
+    16) and the 32-row graph of the peer's subset (2 groups of 16)."""
+    if SMOKE:
+        _cascade_graph(copy_gbs, groups=2, per=3, prefix=32, suffix=9, hq=4, hkv=2, d=32, bound=64)
+        return
+    _cascade_graph(copy_gbs, groups=64, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384)
+    _cascade_graph(copy_gbs, groups=2, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384)
+
+
+def _cascade_graph(copy_gbs: float, groups: int, per: int, prefix: int, suffix: int, hq: int, hkv: int, d: int,
+                   bound: int) -> None:
+    """Default tuning, then split counts and a sweep of the tile, warp and stage settings
     (applied to the prefix and suffix kernels alike), fastest first."""
-    groups, per, prefix, suffix, hq, hkv, d, p = (64, 16, 2048, 256, 32, 8, 64, 16) if not SMOKE else \
-        (2, 3, 32, 9, 4, 2, 32, 16)
-    bound = 16384 if not SMOKE else 64
+    p = 16
     dtype = torch.bfloat16
     b = groups * per
     k, v, table = paged_kv([prefix] * groups + [suffix] * b, p, hkv, d, dtype)
@@ -462,17 +470,21 @@ def bench_cascade_graph(copy_gbs: float) -> None:
     cu_groups = torch.full((b + 1,), b, **i32)
     cu_groups[: groups + 1] = torch.arange(0, b + 1, per, **i32)
     q = torch.randn(b, hq, d, device=DEV, dtype=dtype)
+    # Graphs cap a group at the requests one 64-row prefix tile holds (`cuda_graphs.group_cap`).
+    cap = min(64 // (hq // hkv), b)
     args = (q, k, v, slots_pt, prefix_lens, cu_groups, suffix_pt, torch.full((b,), suffix, **i32), d**-0.5,
-            bound, bound, per)
+            bound, bound, cap)
     ref = K.shared_prefix_decode_attention_reference(q, k, v, prefix_pt, prefix_lens[:groups].clone(),
                                                      cu_groups[: groups + 1].clone(), *args[6:9], prefix, suffix, per)
-    check("cascade, graph-shaped batch", K.shared_prefix_decode_attention(*args), ref, 2e-2)
+    check(f"cascade, graph-shaped batch of {b}", K.shared_prefix_decode_attention(*args), ref, 2e-2)
     nbytes = (groups * prefix + b * suffix) * 2 * hkv * d * 2
-    variants: list[dict] = [{}, dict(prefix_splits=2), dict(prefix_splits=4)]
+    variants: list[dict] = [{}] + [dict(prefix_splits=sp) for sp in (2, 4, 8, 16)]
+    variants += [dict(suffix_splits=1, prefix_splits=sp) for sp in (None, 4, 8, 16)]
     variants += [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (2, 4, 8)
                  for st in (2, 3, 4)]
     timed = []
     for var in variants if not SMOKE else variants[:2]:
+        var = {key: val for key, val in var.items() if val is not None}
         try:
             fn = lambda var=var: shared_mod.shared_prefix_impl(*args, **var)  # noqa: E731
             if rel_err(fn(), ref) > 2e-2:
@@ -483,10 +495,11 @@ def bench_cascade_graph(copy_gbs: float) -> None:
             print(f"  cascade graph {var} failed: {type(exc).__name__}: {str(exc)[:100]}")
     default_ms = next(ms for ms, var in timed if not var)
     shape = f"{groups}x{per} req in {b} slots, prefix {prefix}, suffix {suffix}, {hq}/{hkv}h d{d}"
+    print(f"  cascade graph {shape}, fastest first:")
     for ms, var in sorted(timed, key=lambda x: x[0])[:8]:
         print(f"    {str(var or 'default'):<58} {ms * 1e3:8.1f} us {nbytes / ms / 1e6 / copy_gbs:6.0%} of copy")
     best_ms, best = min(timed, key=lambda x: x[0])
-    row("decode shared-prefix, llama-1b graph shape", shape, f"{default_ms * 1e3:,.1f} us",
+    row(f"decode shared-prefix, llama-1b {b}-row graph", shape, f"{default_ms * 1e3:,.1f} us",
         f"{nbytes / default_ms / 1e6 / copy_gbs:.0%} of copy; best {best or 'default'} {best_ms * 1e3:,.1f} us")
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from radixserve.kernels import decode_attention_reference, shared_prefix_decode_attention_reference
-from radixserve.runtime.cascade import MIN_SHARED_TOKENS, CascadePlanner, build_cascade_info, plan_cascade
+from radixserve.runtime.cascade import (
+    MIN_SHARED_TOKENS,
+    CascadePlanner,
+    _shared_pages,
+    build_cascade_info,
+    plan_cascade,
+)
 
 
 def make_batch(page_size: int, seed: int):
@@ -40,6 +46,25 @@ def test_plan_groups_by_shared_pages() -> None:
         assert all(r[:shared] == rows[0][:shared] for r in rows)
         if shared:
             assert shared * 4 >= MIN_SHARED_TOKENS
+
+
+def test_shared_pages_is_the_longest_common_run() -> None:
+    # Members whose page lists diverge at different pages (the tree hands out canonical pages:
+    # a branch point is where lists start to differ), capped by the shortest member's length.
+    rng = random.Random(7)
+    for trial in range(300):
+        trunk = [rng.randrange(1000) for _ in range(rng.randrange(1, 12))]
+        members = []
+        for _ in range(rng.randrange(2, 6)):
+            cut = rng.randrange(len(trunk) + 1)
+            members.append(trunk[:cut] + [rng.randrange(1000, 2000) for _ in range(rng.randrange(1, 5))])
+        seq_lens = [(len(p) - 1) * 4 + rng.randrange(1, 5) for p in members]
+        limit = min((n - 1) // 4 for n in seq_lens)
+        common = 0
+        while common < limit and all(p[common] == members[0][common] for p in members):
+            common += 1
+        shared, capped = _shared_pages(list(range(len(members))), members, seq_lens, 4)
+        assert (shared, capped) == (common, common == limit), (trial, members, seq_lens)
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
