@@ -4,6 +4,7 @@
     python benchmarks/profile_decode.py --model llama-8b --batches 64
     python benchmarks/profile_decode.py --batches 32,1024 --burst 8   # + a decode burst of 8
     python benchmarks/profile_decode.py --batches 1024 --two-streams  # + two half batches at once
+    python benchmarks/profile_decode.py --gemms --batches 32,64,256   # the projections alone, by layout
 
 Builds the engine's decode graphs (plain and shared-prefix) for a gsp-like batch: groups of 16
 requests sharing a 2048-token prefix, each with 128 question tokens plus 128 generated ones of
@@ -129,6 +130,56 @@ def two_streams_ms(model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, rows: 
     return out
 
 
+def gemm_layouts(cfg: ModelConfig, batches: list[int], copy_bps: float) -> None:
+    """Each decode projection of `cfg` (one weight per layer, as the model reads them: nothing
+    reused from L2) at each row count, captured as one CUDA graph of all layers' calls: F.linear
+    on [out, in] weights (the model's), a matmul on [in, out] copies, and F.linear through
+    cuBLASLt. Prints the fraction of the copy rate each reaches on the weights' bytes."""
+    from torch.nn import functional as F
+
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    shapes = {"qkv": (cfg.hidden_size, qkv), "o": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
+              "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size),
+              "down": (cfg.intermediate_size, cfg.hidden_size)}
+    layers = cfg.num_layers
+    for name, (k_in, n_out) in shapes.items():
+        w = [torch.randn(n_out, k_in, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+        wt = [x.t().contiguous() for x in w]
+        nbytes = layers * n_out * k_in * 2
+        for bs in batches:
+            x = torch.randn(bs, k_in, device="cuda", dtype=torch.bfloat16)
+            variants = {"F.linear [out,in]": lambda: [F.linear(x, a) for a in w],
+                        "matmul [in,out]": lambda: [x @ a for a in wt]}
+            results = {}
+            for label, fn in variants.items():
+                results[label] = _graph_ms(fn)
+            prev = torch.backends.cuda.preferred_blas_library()
+            try:
+                torch.backends.cuda.preferred_blas_library("cublaslt")
+                results["F.linear, cuBLASLt"] = _graph_ms(variants["F.linear [out,in]"])
+            except Exception as exc:  # noqa: BLE001 (a backend this build lacks)
+                print(f"   cuBLASLt: {type(exc).__name__}: {exc}")
+            finally:
+                torch.backends.cuda.preferred_blas_library(prev)
+            print(f"   {name:8s} {k_in}->{n_out} rows {bs:5d}: " + "; ".join(
+                f"{label} {ms * 1e3 / layers:6.1f} us {nbytes / (ms / 1e3) / copy_bps:4.0%}"
+                for label, ms in results.items()))
+
+
+def _graph_ms(fn) -> float:  # noqa: ANN001
+    """Median ms of one replay of `fn` captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay, reps=30, warmup=3)
+
+
 def short(name: str) -> str:
     for key in ("gemm", "gemv", "splitK", "Kernel2", "sm90_xmma", "cutlass"):
         if key in name:
@@ -145,9 +196,13 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=8, help="also time cascade decode bursts of this many steps")
     ap.add_argument("--two-streams", action="store_true",
                     help="also time each batch as two half batches replayed on two streams at once")
+    ap.add_argument("--gemms", action="store_true", help="only the projections at each batch, by weight layout")
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     cfg = NAMED_SHAPES[args.model]
+    if args.gemms:
+        gemm_layouts(cfg, batches, copy_bandwidth())
+        return 0
     resolved = ResolvedModel(name=args.model, path=None, config=cfg, load_format="dummy", tokenizer_path=None)
     model = load_model(resolved, "cuda", torch.bfloat16, progress=False)
     copy_bps = copy_bandwidth()
