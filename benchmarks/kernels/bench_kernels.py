@@ -356,7 +356,7 @@ def _extend_prefix_heavy(prefix: int, t: int, h: int, d: int, p: int) -> None:
     row(f"extend d{d} prefix-heavy all paged", shape, _tflops(ms_paged, flops), f"k_new {ms_paged / ms_new:.2f}x faster")
 
 
-def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int) -> None:
+def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int, quick: bool) -> None:
     """One request's short new turn over a long cached history (cached-prefix TTFT, agent
     turns), with Llama's 4 query heads per KV head: the default launch (prefix keys split over
     several programs) vs one program per tile, and a sweep of split counts and pipeline depths."""
@@ -367,16 +367,16 @@ def _extend_short_turn(prefix: int, t: int, h: int, d: int, p: int) -> None:
     ms_split = device_ms(lambda: K.extend_attention(*args, **new_kv))
     ms_one = device_ms(lambda: extend_mod.extend_attention_impl(*args, **new_kv, num_splits=1))
     shape = f"{t} new over {prefix} cached, {h}/{hkv}h P{p} bf16"
-    # Split counts and pipeline depths around the default (64 x 64 tiles, 4 warps at this size).
-    sweep = {}
-    for splits in (4, 5, 6, 8, 12, 16):
-        for stages in (2, 3, 4):
-            sweep[(splits, stages)] = device_ms(lambda: extend_mod.extend_attention_impl(
-                *args, **new_kv, num_splits=splits, num_stages=stages))
-    (best_splits, best_stages), best = min(sweep.items(), key=lambda kv: kv[1])
-    row(f"extend d{d} short turn, split prefix", shape, f"{ms_split * 1e3:.1f} us",
-        f"{flops / ms_split / 1e9:.0f} TFLOP/s; unsplit {ms_one * 1e3:.1f} us ({ms_one / ms_split:.2f}x); "
-        f"sweep best {best * 1e3:.1f} us at {best_splits} splits, {best_stages} stages")
+    note = f"{flops / ms_split / 1e9:.0f} TFLOP/s; unsplit {ms_one * 1e3:.1f} us ({ms_one / ms_split:.2f}x)"
+    if not quick:  # split counts and pipeline depths around the default (64 x 64 tiles, 4 warps here)
+        sweep = {}
+        for splits in (4, 5, 6, 8, 12, 16):
+            for stages in (2, 3, 4):
+                sweep[(splits, stages)] = device_ms(lambda: extend_mod.extend_attention_impl(
+                    *args, **new_kv, num_splits=splits, num_stages=stages))
+        (best_splits, best_stages), best = min(sweep.items(), key=lambda kv: kv[1])
+        note += f"; sweep best {best * 1e3:.1f} us at {best_splits} splits, {best_stages} stages"
+    row(f"extend d{d} short turn, split prefix", shape, f"{ms_split * 1e3:.1f} us", note)
 
 
 def bench_extend(quick: bool) -> None:
@@ -385,7 +385,7 @@ def bench_extend(quick: bool) -> None:
     dims = [64, 128] if not SMOKE else [32]
     _extend_checks(dims, p)
     for d in dims:
-        _extend_short_turn(*((8192, 128) if not SMOKE else (48, 8)), h, d, p)
+        _extend_short_turn(*((8192, 128) if not SMOKE else (48, 8)), h, d, p, quick)
     for d in dims:
         # Sweep at one length, then time the 5 fastest configs at every length.
         top = _extend_sweep(4096 if not SMOKE else lengths[0], h, d, p, quick)[:5]
