@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu_bench import bench_ms, copy_bandwidth, decode_weight_bytes, kv_bytes_per_token  # noqa: E402
-from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows  # noqa: E402
+from radixserve.runtime.cuda_graphs import DecodeGraphs, DecodeRows, capture_graph  # noqa: E402
 from radixserve.runtime.kv_cache import KVCache  # noqa: E402
 from radixserve.runtime.loader import ResolvedModel, load_model  # noqa: E402
 from radixserve.runtime.model_config import NAMED_SHAPES, ModelConfig  # noqa: E402
@@ -167,16 +167,8 @@ def gemm_layouts(cfg: ModelConfig, batches: list[int], copy_bps: float) -> None:
 
 
 def _graph_ms(fn) -> float:  # noqa: ANN001
-    """Median ms of one replay of `fn` captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Median ms of one replay of `fn` captured in a CUDA graph (as the engine captures)."""
+    graph, _ = capture_graph(fn, None, torch.cuda.Stream())
     return bench_ms(graph.replay, reps=30, warmup=3)
 
 

@@ -153,9 +153,9 @@ def host_batch(seqs: Sequence[SeqStep], page_size: int) -> HostBatch:
         logits rows  = cu_extend[i] + logits_from_i .. cu_extend[i+1] - 1, in request order
     """
     if not seqs:
-        raise ValueError("build_forward_batch: no sequences")
+        raise ValueError("host_batch: no sequences")
     if not 1 <= page_size <= 64:
-        raise ValueError(f"build_forward_batch: page_size must be in 1..64, got {page_size}")
+        raise ValueError(f"host_batch: page_size must be in 1..64, got {page_size}")
     b = len(seqs)
     extend_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=b)
     seq_lens = np.fromiter((s.seq_len for s in seqs), dtype=np.int64, count=b)
@@ -174,7 +174,7 @@ def host_batch(seqs: Sequence[SeqStep], page_size: int) -> HostBatch:
         lo, hi, need = int(cu_extend[i]), int(cu_extend[i + 1]), int(pages_needed[i])
         if len(s.pages) < need:
             raise ValueError(
-                f"build_forward_batch: request {i} has {s.seq_len} tokens, needing {need} pages "
+                f"host_batch: request {i} has {s.seq_len} tokens, needing {need} pages "
                 f"of {page_size}, but only {len(s.pages)} pages were given"
             )
         pages = np.asarray(s.pages[:need], dtype=np.int64)
