@@ -166,6 +166,82 @@ def gemm_layouts(cfg: ModelConfig, batches: list[int], copy_bps: float) -> None:
                 for label, ms in results.items()))
 
 
+def sm_partition(cfg: ModelConfig, kv: KVCache, rows: DecodeRows, groups: list, copy_bps: float,
+                 carveouts: tuple[int | None, ...] = (None, 16, 32, 48, 66)) -> None:
+    """Can a decode step's compute-bound GEMMs run beside its bandwidth-bound attention if the
+    GEMMs leave SMs free? All layers' projections at this batch (cuBLASLt, SM count target =
+    SMs - carve-out, torch's experimental knob) in one graph, the shared-prefix attention of
+    all layers in another; each alone, then both replayed at once on two streams."""
+    from torch.nn import functional as F
+
+    from radixserve.kernels import shared_prefix_decode_attention
+    from radixserve.runtime.cascade import CascadePlan, build_cascade_info
+
+    set_carveout = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if set_carveout is None:
+        print("   torch has no _set_sm_carveout_experimental: nothing to measure")
+        return
+    bs, layers = len(rows), cfg.num_layers
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    shapes = [(cfg.hidden_size, qkv), (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
+              (cfg.hidden_size, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.hidden_size)]
+    w = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for k, n in shapes] for _ in range(layers)]
+    xs = {k: torch.randn(bs, k, device="cuda", dtype=torch.bfloat16) for k, _ in shapes}
+    plan = CascadePlan(list(range(bs)), groups)
+    info = build_cascade_info(plan, rows.pages, rows.seq_lens, PAGE, torch.device("cuda"))
+    q = torch.randn(bs, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+    scale = cfg.head_dim ** -0.5
+
+    def attention() -> None:
+        for layer in range(layers):
+            k_cache, v_cache = kv.layer(layer)
+            shared_prefix_decode_attention(q, k_cache, v_cache, info.prefix_page_table, info.prefix_lens,
+                                           info.cu_groups, info.suffix_page_table, info.suffix_lens, scale,
+                                           info.max_prefix_len, info.max_suffix_len, info.max_group_size)
+
+    def gemms() -> None:
+        for layer in range(layers):
+            for (k, _), weight in zip(shapes, w[layer]):
+                F.linear(xs[k], weight)
+
+    prev = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    # The GEMMs' stream outranks the attention's: when a GEMM launches, its blocks are placed
+    # before the attention's pending ones as SMs free up (graph nodes keep their stream's priority).
+    low, high = torch.cuda.Stream(priority=0), torch.cuda.Stream(priority=-1)
+    attn_graph, _ = capture_graph(attention, None, low)
+    attn_ms = bench_ms(attn_graph.replay, reps=30, warmup=3)
+    print(f"   batch {bs}: attention of {layers} layers alone {attn_ms:.3f} ms")
+
+    def at_once(gemm_fn, attn_fn) -> float:  # noqa: ANN001
+        def together() -> None:
+            cur = torch.cuda.current_stream()
+            high.wait_stream(cur)
+            low.wait_stream(cur)
+            with torch.cuda.stream(high):
+                gemm_fn()
+            with torch.cuda.stream(low):
+                attn_fn()
+            cur.wait_stream(high)
+            cur.wait_stream(low)
+
+        return bench_ms(together, reps=30, warmup=3)
+
+    try:
+        for carve in carveouts:
+            set_carveout(carve)
+            gemm_graph, _ = capture_graph(gemms, None, high)
+            gemm_ms = bench_ms(gemm_graph.replay, reps=30, warmup=3)
+            both_ms = at_once(gemm_graph.replay, attn_graph.replay)
+            eager_ms = at_once(gemms, attention)
+            print(f"   carve-out {carve or 0:3d} SMs: GEMMs alone {gemm_ms:.3f} ms; both at once {both_ms:.3f} ms "
+                  f"(in sequence {attn_ms + gemm_ms:.3f}; saved {1 - both_ms / (attn_ms + gemm_ms):.0%}); "
+                  f"launched eagerly at once {eager_ms:.3f} ms")
+    finally:
+        set_carveout(None)
+        torch.backends.cuda.preferred_blas_library(prev)
+
+
 def _graph_ms(fn) -> float:  # noqa: ANN001
     """Median ms of one replay of `fn` captured in a CUDA graph (as the engine captures)."""
     graph, _ = capture_graph(fn, None, torch.cuda.Stream())
@@ -189,6 +265,8 @@ def main() -> int:
     ap.add_argument("--two-streams", action="store_true",
                     help="also time each batch as two half batches replayed on two streams at once")
     ap.add_argument("--gemms", action="store_true", help="only the projections at each batch, by weight layout")
+    ap.add_argument("--sm-partition", action="store_true",
+                    help="also time all layers' GEMMs (with SM carve-outs) beside all layers' attention")
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     cfg = NAMED_SHAPES[args.model]
@@ -248,6 +326,8 @@ def main() -> int:
             for name, us in sorted(extra.items(), key=lambda kv_: -kv_[1])[:6]:
                 print(f"   {us:9.1f} us  {name}")
             summary.append((label, per_step, floor_ms))
+        if args.sm_partition:
+            sm_partition(cfg, kv, rows, groups, copy_bps)
         if args.two_streams:
             max_len = args.prefix + args.own + args.burst + PAGE
             for label, ms in two_streams_ms(model, cfg, kv, rows, groups, max_len, num_pages - 1,

@@ -249,10 +249,11 @@ def num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sm_count: int,
-                      min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
-    """Enough (request, KV head, split) programs for ~2 waves, never splits of < min tokens."""
+                      min_tokens_per_split: int = 256, max_splits: int = 32, target_programs: int | None = None) -> int:
+    """Enough (request, KV head, split) programs for `target_programs` (default ~2 waves,
+    2 x sm_count), never splits of < min tokens."""
     programs = max(1, batch * num_kv_heads)
-    want = -(-2 * sm_count // programs)
+    want = -(-(2 * sm_count if target_programs is None else max(1, target_programs)) // programs)
     cap = max(1, -(-max_seq_len // min_tokens_per_split))
     return max(1, min(want, cap, max_splits))
 

@@ -29,11 +29,21 @@ max_group_size) -> o [B, Hq, D]`:
     max_group_size >= max group size (they size grids and gathers; no device sync).
 The result equals decode attention over the concatenated sequence prefix + suffix.
 
+The Triton path launches one of two ways, both writing every part of a row (prefix splits,
+then suffix splits) to an fp32 scratch [B, Hq, parts, D] and merging by lse:
+
+    small and medium batches, one launch: prefix programs and suffix programs in one grid; each
+        counts itself in on its rows (an atomic per row and head), and the program that brings
+        a row's count to `parts` merges that row and zeroes its count for the next launch. No
+        launch gaps between the parts and no merge launch: what a 32-row decode step needs,
+        where each kernel is a few microseconds.
+    large batches, two launches: the prefix kernel, then the suffix kernel with one split per
+        row, which merges the prefix parts into its own and writes o.
+
 `merge_attention_states(o1, lse1, o2, lse2) -> (o, lse)` merges two partial attentions over
 disjoint key sets: o [..., D] normalized outputs, lse [...] fp32 natural-log sum of
-exp(scaled scores) (-inf for an empty part). The Triton cascade merges its parts itself (the
-split-KV merge of decode_attention; with one suffix split, the suffix kernel merges the prefix
-parts into its own), so the helper is for other composition.
+exp(scaled scores) (-inf for an empty part). The Triton cascade merges its parts itself, so
+the helper is for other composition.
 """
 
 from __future__ import annotations
@@ -212,6 +222,123 @@ if HAS_TRITON:
         tl.store(mid_lse_ptr + row, lse, mask=rmask)
 
     @triton.jit
+    def _arrive_and_merge(
+        mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, rows, out_off, mask,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, TOTAL_SPLITS: tl.constexpr,
+    ):
+        """After a program stored its partial for `rows` (flat b * Hq + head): count it in, and
+        the program that brings a row's count to TOTAL_SPLITS merges the row's parts, writes o
+        and zeroes the count for the next launch. The barrier makes every thread's partial
+        stores precede the gpu-scope release of the atomic; the loads after it bypass L1."""
+        tl.debug_barrier()
+        old = tl.atomic_add(counters_ptr + rows, 1, mask=mask, sem="acq_rel", scope="gpu")
+        last = mask & (old == TOTAL_SPLITS - 1)
+        if tl.max(last.to(tl.int32), 0) > 0:
+            tl.debug_barrier()
+            offs_d = tl.arange(0, BLOCK_D)
+            io_mask = last[:, None] & (offs_d < D)[None, :]
+            cell = rows * TOTAL_SPLITS
+            m = tl.full(rows.shape, float("-inf"), tl.float32)
+            for j in range(TOTAL_SPLITS):
+                m = tl.maximum(m, tl.load(mid_lse_ptr + cell + j, mask=last, other=float("-inf"),
+                                          cache_modifier=".cg"))
+            m = tl.where(m == float("-inf"), 0.0, m)  # every part empty: weights all 0, output 0
+            total = tl.zeros(rows.shape, tl.float32)
+            acc = tl.zeros([rows.shape[0], BLOCK_D], tl.float32)
+            for j in range(TOTAL_SPLITS):
+                w = tl.exp2(tl.load(mid_lse_ptr + cell + j, mask=last, other=float("-inf"), cache_modifier=".cg") - m)
+                part = tl.load(mid_o_ptr + (cell + j)[:, None] * D + offs_d[None, :], mask=io_mask, other=0.0,
+                               cache_modifier=".cg")
+                acc += part * w[:, None]
+                total += w
+            o = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+            tl.store(o_ptr + out_off[:, None] + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(counters_ptr + rows, tl.zeros(rows.shape, tl.int32), mask=last)
+
+    @triton.jit
+    def _cascade_one_launch_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, prefix_pt_ptr, prefix_lens_ptr, cu_groups_ptr, suffix_pt_ptr,
+        suffix_lens_ptr, mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr,
+        stride_qb, stride_qh, stride_ppt, stride_spt, stride_ob, stride_oh, qk_scale, num_prefix_programs,
+        HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
+        SUFFIX_SPLITS: tl.constexpr, RBLOCKS: tl.constexpr, RPB: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One grid, prefix programs first: pid < num_prefix_programs is (group, KV head, request
+        # block, prefix split) as in _prefix_split_kernel, the rest (request, KV head, suffix
+        # split). Every program writes one scratch column of its rows; the last to arrive at a
+        # row merges (no second launch, and prefix and suffix work share the GPU's waves).
+        pid = tl.program_id(0)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        total: tl.constexpr = PREFIX_SPLITS + SUFFIX_SPLITS
+        if pid < num_prefix_programs:
+            g = pid // (HKV * RBLOCKS * PREFIX_SPLITS)
+            rest = pid % (HKV * RBLOCKS * PREFIX_SPLITS)
+            kvh = rest // (RBLOCKS * PREFIX_SPLITS)
+            rb = (rest // PREFIX_SPLITS) % RBLOCKS
+            s = rest % PREFIX_SPLITS
+            r_end = tl.load(cu_groups_ptr + g + 1)
+            first = tl.load(cu_groups_ptr + g) + rb * RPB
+            if first < r_end:
+                plen = tl.load(prefix_lens_ptr + g)
+                split_len = tl.cdiv(tl.cdiv(plen, PREFIX_SPLITS), BLOCK_N) * BLOCK_N
+                start = s * split_len
+                end = tl.minimum(start + split_len, plen)
+                offs_m = tl.arange(0, BLOCK_M)
+                req = first + offs_m // GQ
+                head = kvh * GQ + offs_m % GQ
+                rmask = (offs_m < RPB * GQ) & (req < r_end)
+                q = tl.load(q_ptr + req.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh
+                            + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                m_i, l_i, acc = _paged_partial_attention(
+                    q, k_cache_ptr, v_cache_ptr, prefix_pt_ptr + g.to(tl.int64) * stride_ppt, kvh, start, end,
+                    qk_scale, m_i, l_i, acc, HKV, D, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
+                )
+                nonempty = l_i > 0.0
+                rows = req.to(tl.int64) * (HKV * GQ) + head
+                tl.store(mid_o_ptr + (rows * total + s)[:, None] * D + offs_d[None, :],
+                         acc / tl.where(nonempty, l_i, 1.0)[:, None], mask=rmask[:, None] & dmask[None, :])
+                tl.store(mid_lse_ptr + rows * total + s,
+                         tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf")), mask=rmask)
+                _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, rows,
+                                  req.to(tl.int64) * stride_ob + head * stride_oh, rmask, D, BLOCK_D, total)
+        else:
+            sid = pid - num_prefix_programs
+            b = sid // (HKV * SUFFIX_SPLITS)
+            kvh = (sid // SUFFIX_SPLITS) % HKV
+            s = sid % SUFFIX_SPLITS
+            seq_len = tl.load(suffix_lens_ptr + b)
+            split_len = tl.cdiv(tl.cdiv(seq_len, SUFFIX_SPLITS), BLOCK_N) * BLOCK_N
+            start = s * split_len
+            end = tl.minimum(start + split_len, seq_len)
+            offs_g = tl.arange(0, BLOCK_G)
+            heads = kvh * GQ + offs_g
+            gmask = offs_g < GQ
+            q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                        mask=gmask[:, None] & dmask[None, :], other=0.0)
+            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            m_i, l_i, acc = _paged_partial_attention(
+                q, k_cache_ptr, v_cache_ptr, suffix_pt_ptr + b.to(tl.int64) * stride_spt, kvh, start, end,
+                qk_scale, m_i, l_i, acc, HKV, D, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
+            )
+            nonempty = l_i > 0.0
+            rows = b.to(tl.int64) * (HKV * GQ) + heads
+            col = PREFIX_SPLITS + s
+            tl.store(mid_o_ptr + (rows * total + col)[:, None] * D + offs_d[None, :],
+                     acc / tl.where(nonempty, l_i, 1.0)[:, None], mask=gmask[:, None] & dmask[None, :])
+            tl.store(mid_lse_ptr + rows * total + col,
+                     tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf")), mask=gmask)
+            _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, rows,
+                              b.to(tl.int64) * stride_ob + heads * stride_oh, gmask, D, BLOCK_D, total)
+
+    @triton.jit
     def _merge_states_kernel(o1_ptr, lse1_ptr, o2_ptr, lse2_ptr, o_ptr, lse_ptr,
                              D: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -250,6 +377,24 @@ def merge_attention_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tenso
     return o, lse
 
 
+# Arrival counts of the one-launch kernel, [>= B * Hq] int32 per device, all zero between
+# launches (the merging program zeroes its rows). Launches on one device must be stream-ordered,
+# which the engine's single stream (and a CUDA graph's replay of it) guarantees. Allocated on
+# first use, which capture_graph's eager warm-up makes happen before a capture.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("shared_prefix_decode_attention: run a batch of this size once before capturing "
+                               "it in a CUDA graph (its arrival counters are allocated on first use)")
+        counters = torch.zeros(max(n, 1 << 15), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
 def shared_prefix_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_page_table: torch.Tensor,
     prefix_lens: torch.Tensor, cu_groups: torch.Tensor, suffix_page_table: torch.Tensor, suffix_lens: torch.Tensor,
@@ -273,8 +418,10 @@ def shared_prefix_impl(
     sm_scale: float, max_prefix_len: int, max_suffix_len: int, max_group_size: int, *,
     prefix_splits: int | None = None, suffix_splits: int | None = None, block_m: int | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    one_launch: bool | None = None,
 ) -> torch.Tensor:
-    """Launch with optional tuning overrides (tests, benchmarks); inputs already validated."""
+    """Launch with optional tuning overrides (tests, benchmarks); inputs already validated.
+    `one_launch` picks the single-grid kernel (default: for batches up to ~8 waves of programs)."""
     b, hq, d = q.shape
     _, page_size, hkv, _ = k_cache.shape
     gq = hq // hkv
@@ -296,13 +443,21 @@ def shared_prefix_impl(
     fewest_groups = min(max(1, groups), -(-b // max(1, max_group_size)))
     sp = prefix_splits or choose_num_splits(fewest_groups * rblocks, hkv, max_prefix_len, sms)
     ss = suffix_splits or choose_num_splits(b, hkv, max_suffix_len, sms)
-    # One suffix split (large batches): the suffix kernel merges the prefix columns into its
-    # own part and writes o; the scratch then holds the prefix columns only.
-    total = sp + ss if ss > 1 else sp
-    # Every cell is written: the prefix kernel writes all splits of every row of a group (the
-    # contract puts every row in one), the suffix kernel all of its splits for every row.
-    mid_o = torch.empty((b, hq, total, d), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((b, hq, total), dtype=torch.float32, device=q.device)
+    has_prefix = groups > 0 and max_prefix_len > 0
+    if one_launch is None:
+        # One launch up to ~8 waves of one-split suffix programs. Llama-1b's decode graphs on
+        # gsp-shaped batches (bench_kernels.py --only cascade-graph, H100): 32 rows 15.8 vs
+        # 19.1 us, 128 rows 53.6 vs 60.7 us; at 1,024 rows two launches win, 317 vs 323 us.
+        one_launch = b * hkv <= 8 * sms
+    if one_launch and has_prefix:
+        # One grid holds both parts, so they share its ~2 waves: the prefix splits for about one
+        # wave, the suffix splits for what is left (the 32-row graph: 9 and 1 split(s), where
+        # the two-launch sizing is 17 and 2).
+        sp = prefix_splits or choose_num_splits(fewest_groups * rblocks, hkv, max_prefix_len, sms,
+                                                target_programs=sms)
+        prefix_programs = fewest_groups * rblocks * hkv * sp
+        ss = suffix_splits or choose_num_splits(b, hkv, max_suffix_len, sms,
+                                                target_programs=2 * sms - prefix_programs)
     block_d = max(16, next_power_of_2(d))  # tl.dot needs K >= 16 on the GPU
     bn = max(16, block_n or (64 if block_d <= 128 else 32))
     dot_f32, precision = dot_flags(q.dtype, is_interpreted(_prefix_split_kernel))
@@ -311,7 +466,30 @@ def shared_prefix_impl(
         extra["num_warps"] = num_warps
     if num_stages is not None:
         extra["num_stages"] = num_stages
-    if groups > 0 and max_prefix_len > 0:
+    if one_launch and has_prefix:
+        # One grid: every row's sp prefix parts and ss suffix parts, merged by the last to finish.
+        num_prefix_programs = groups * hkv * rblocks * sp
+        mid_o = torch.empty((b, hq, sp + ss, d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((b, hq, sp + ss), dtype=torch.float32, device=q.device)
+        _cascade_one_launch_kernel[(num_prefix_programs + b * hkv * ss,)](
+            q, k_cache, v_cache, prefix_page_table, prefix_lens, cu_groups, suffix_page_table, suffix_lens,
+            mid_o, mid_lse, _arrival_counters(q.device, b * hq), o,
+            q.stride(0), q.stride(1), prefix_page_table.stride(0), suffix_page_table.stride(0), o.stride(0),
+            o.stride(1), float(sm_scale) * _LOG2E, num_prefix_programs,
+            HKV=hkv, GQ=gq, D=d, PREFIX_SPLITS=sp, SUFFIX_SPLITS=ss, RBLOCKS=rblocks, RPB=rpb, BLOCK_M=bm,
+            BLOCK_G=max(16, next_power_of_2(gq)), BLOCK_D=block_d, BLOCK_N=bn, PAGE_SIZE=page_size,
+            DOT_F32=dot_f32, PRECISION=precision, **extra,
+        )
+        return o
+    # Two or three launches: the prefix kernel, the suffix kernel, and the split merge when
+    # there are several suffix splits. With one suffix split (large batches) the suffix kernel
+    # merges the prefix columns into its own part and writes o; the scratch then holds the
+    # prefix columns only. Every cell is written: the prefix kernel writes all splits of every
+    # row of a group (the contract puts every row in one), the suffix kernel all of its splits.
+    total = sp + ss if ss > 1 else sp
+    mid_o = torch.empty((b, hq, total, d), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((b, hq, total), dtype=torch.float32, device=q.device)
+    if has_prefix:
         _prefix_split_kernel[(groups, hkv, rblocks * sp)](
             q, k_cache, v_cache, prefix_page_table, prefix_lens, cu_groups, mid_o, mid_lse,
             q.stride(0), q.stride(1), prefix_page_table.stride(0), float(sm_scale) * _LOG2E,

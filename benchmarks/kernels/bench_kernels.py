@@ -442,21 +442,26 @@ def bench_cascade(copy_gbs: float) -> None:
         f"{casc_bytes / ms_casc / 1e6:,.0f} GB/s effective")
 
 
-def bench_cascade_graph(copy_gbs: float) -> None:
+def bench_cascade_graph(copy_gbs: float, quick: bool) -> None:
     """The shared-prefix op as llama-1b's decode graphs run it on gsp (d64, the context limit as
     the length bounds, one group slot per row, the rest empty): the 1024-row graph (64 groups of
-    16) and the 32-row graph of the peer's subset (2 groups of 16)."""
+    16), the 32-row graph of the peer's subset (2 groups of 16) and a 128-row one (8 groups)."""
     if SMOKE:
-        _cascade_graph(copy_gbs, groups=2, per=3, prefix=32, suffix=9, hq=4, hkv=2, d=32, bound=64)
+        _cascade_graph(copy_gbs, groups=2, per=3, prefix=32, suffix=9, hq=4, hkv=2, d=32, bound=64, quick=quick)
         return
-    _cascade_graph(copy_gbs, groups=64, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384)
-    _cascade_graph(copy_gbs, groups=2, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384)
+    _cascade_graph(copy_gbs, groups=64, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384,
+                   quick=quick)
+    _cascade_graph(copy_gbs, groups=2, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384,
+                   quick=quick)
+    _cascade_graph(copy_gbs, groups=8, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384,
+                   quick=quick)
 
 
 def _cascade_graph(copy_gbs: float, groups: int, per: int, prefix: int, suffix: int, hq: int, hkv: int, d: int,
-                   bound: int) -> None:
-    """Default tuning, then split counts and a sweep of the tile, warp and stage settings
-    (applied to the prefix and suffix kernels alike), fastest first."""
+                   bound: int, quick: bool) -> None:
+    """Default tuning, then split counts with one launch and with several, and (without
+    `quick`) a sweep of the tile, warp and stage settings (applied to every kernel alike),
+    fastest first."""
     p = 16
     dtype = torch.bfloat16
     b = groups * per
@@ -480,8 +485,11 @@ def _cascade_graph(copy_gbs: float, groups: int, per: int, prefix: int, suffix: 
     nbytes = (groups * prefix + b * suffix) * 2 * hkv * d * 2
     variants: list[dict] = [{}] + [dict(prefix_splits=sp) for sp in (2, 4, 8, 16)]
     variants += [dict(suffix_splits=1, prefix_splits=sp) for sp in (None, 4, 8, 16)]
-    variants += [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (2, 4, 8)
-                 for st in (2, 3, 4)]
+    variants += [dict(one_launch=ol, suffix_splits=ss, prefix_splits=sp) for ol in (False, True)
+                 for ss in (None, 1, 2, 4) for sp in (None, 4, 8, 16)]
+    if not quick:
+        variants += [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (2, 4, 8)
+                     for st in (2, 3, 4)]
     timed = []
     for var in variants if not SMOKE else variants[:2]:
         var = {key: val for key, val in var.items() if val is not None}
@@ -577,7 +585,8 @@ def main() -> None:
     only = set(opts.only.split(","))
     copy_gbs = bench_copy()
     sections = [("decode", lambda: bench_decode(copy_gbs, opts.quick)), ("extend", lambda: bench_extend(opts.quick)),
-                ("cascade", lambda: bench_cascade(copy_gbs)), ("cascade-graph", lambda: bench_cascade_graph(copy_gbs)),
+                ("cascade", lambda: bench_cascade(copy_gbs)), ("cascade-graph",
+                                                          lambda: bench_cascade_graph(copy_gbs, opts.quick)),
                 ("elementwise", lambda: bench_elementwise(copy_gbs))]
     for name, fn in sections:
         if name in only:

@@ -366,17 +366,44 @@ def test_shared_prefix_reference_matches_float64(page_size, group):
     assert_close(decode_attention_reference(*_decode_args(b)), expected, 1e-5, "decode reference")
 
 
+@pytest.mark.parametrize("one_launch", [False, True], ids=["launches", "one_launch"])
 @pytest.mark.parametrize("page_size,group,splits", [(1, 3, (1, 1)), (4, 4, (2, 3)), (8, 1, (3, 1))])
-def test_shared_prefix_triton_matches_reference(page_size, group, splits):
+def test_shared_prefix_triton_matches_reference(page_size, group, splits, one_launch):
     args, b = _cascade_case(page_size, group, *CASCADE, seed=page_size + 1)
     expected = shared_prefix_decode_attention_reference(*args)
-    # One suffix split: the suffix kernel merges the prefix parts and writes o (no stage 2).
-    out = shared_mod.shared_prefix_impl(*args, prefix_splits=splits[0], suffix_splits=splits[1], block_n=16)
+    # One suffix split: the suffix kernel merges the prefix parts and writes o (no stage 2);
+    # one launch: the last program to finish a row merges it.
+    out = shared_mod.shared_prefix_impl(*args, prefix_splits=splits[0], suffix_splits=splits[1], block_n=16,
+                                        one_launch=one_launch)
     assert_close(out, expected, TOL[torch.float32], "cascade triton")
     # Tiles holding fewer requests than a group (request blocks) must give the same result.
-    out = shared_mod.shared_prefix_impl(*args, block_m=16 if group <= 4 else None, block_n=16)
+    out = shared_mod.shared_prefix_impl(*args, block_m=16 if group <= 4 else None, block_n=16,
+                                        one_launch=one_launch)
     assert_close(out, expected, TOL[torch.float32], "cascade triton, small tiles")
     assert_close(shared_prefix_decode_attention(*args), expected, TOL[torch.float32], "public launcher")
+
+
+def test_shared_prefix_one_launch_leaves_counters_zero():
+    """The one-launch kernel's arrival counts are shared by every launch on a device: each
+    launch must leave them as it found them (all zero), also with empty group slots and
+    padding rows (no tokens), as a CUDA graph of a larger batch passes them."""
+    args, _ = _cascade_case(4, 2, [8, 0], [[3, 1], [2]], seed=3)
+    q, k, v, prefix_pt, prefix_lens, cu_groups, suffix_pt, suffix_lens = args[:8]
+    pad = 2  # two padding rows, each its own empty group
+    q = torch.cat([q, torch.zeros(pad, *q.shape[1:], device=q.device)])
+    suffix_pt = torch.cat([suffix_pt, torch.zeros(pad, suffix_pt.shape[1], dtype=torch.int32, device=q.device)])
+    suffix_lens = torch.cat([suffix_lens, torch.zeros(pad, dtype=torch.int32, device=q.device)])
+    prefix_pt = torch.cat([prefix_pt, torch.zeros(pad, prefix_pt.shape[1], dtype=torch.int32, device=q.device)])
+    prefix_lens = torch.cat([prefix_lens, torch.zeros(pad, dtype=torch.int32, device=q.device)])
+    cu_groups = torch.cat([cu_groups, cu_groups[-1:] + torch.arange(1, pad + 1, dtype=torch.int32,
+                                                                    device=q.device)])
+    padded = (q, k, v, prefix_pt, prefix_lens, cu_groups, suffix_pt, suffix_lens, *args[8:])
+    expected = shared_prefix_decode_attention_reference(*padded)
+    for _ in range(2):
+        out = shared_mod.shared_prefix_impl(*padded, prefix_splits=2, suffix_splits=3, block_n=16, one_launch=True)
+        assert_close(out, expected, TOL[torch.float32], "one launch, padded")
+        assert not out[-pad:].any(), "padding rows attend to nothing"
+        assert not shared_mod._COUNTERS[q.device].any(), "arrival counters left non-zero"
 
 
 def test_shared_prefix_triton_bf16():
@@ -413,8 +440,16 @@ def test_shared_prefix_gsp_like_gpu():
     groups = [2048] * 4
     suffixes = [[128 + i for i in range(16)]] * 4
     args, _ = _cascade_case(16, 4, groups, suffixes, dtype=torch.bfloat16, hkv=8, d=128)
-    assert_close(shared_prefix_decode_attention(*args), shared_prefix_decode_attention_reference(*args),
-                 TOL[torch.bfloat16])
+    expected = shared_prefix_decode_attention_reference(*args)
+    assert_close(shared_prefix_decode_attention(*args), expected, TOL[torch.bfloat16])
+    # Programs racing to merge on the GPU: every launch right, the counters left at zero.
+    for one_launch in (False, True):
+        for splits in ((16, 2), (3, 7)):
+            for _ in range(20):
+                out = shared_mod.shared_prefix_impl(*args, prefix_splits=splits[0], suffix_splits=splits[1],
+                                                    one_launch=one_launch)
+            assert_close(out, expected, TOL[torch.bfloat16], f"one_launch={one_launch} splits={splits}")
+    assert not shared_mod._COUNTERS[args[0].device].any()
 
 
 for _mark in gpu:
