@@ -380,19 +380,20 @@ def merge_attention_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tenso
 # Arrival counts of the one-launch kernel, [>= B * Hq] int32 per device, all zero between
 # launches (the merging program zeroes its rows). Launches on one device must be stream-ordered,
 # which the engine's single stream (and a CUDA graph's replay of it) guarantees. Allocated on
-# first use, which capture_graph's eager warm-up makes happen before a capture.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# first use, which capture_graph's eager warm-up makes happen before a capture. A larger batch
+# gets a larger buffer, and the smaller ones stay alive: graphs captured earlier hold their
+# addresses.
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("shared_prefix_decode_attention: run a batch of this size once before capturing "
                                "it in a CUDA graph (its arrival counters are allocated on first use)")
-        counters = torch.zeros(max(n, 1 << 15), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
+        buffers.append(torch.zeros(max(n, 1 << 15), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def shared_prefix_decode_attention(
@@ -421,7 +422,7 @@ def shared_prefix_impl(
     one_launch: bool | None = None,
 ) -> torch.Tensor:
     """Launch with optional tuning overrides (tests, benchmarks); inputs already validated.
-    `one_launch` picks the single-grid kernel (default: for batches up to ~8 waves of programs)."""
+    `one_launch` picks the single-grid kernel (default: for batches up to ~32 waves of programs)."""
     b, hq, d = q.shape
     _, page_size, hkv, _ = k_cache.shape
     gq = hq // hkv
@@ -445,10 +446,11 @@ def shared_prefix_impl(
     ss = suffix_splits or choose_num_splits(b, hkv, max_suffix_len, sms)
     has_prefix = groups > 0 and max_prefix_len > 0
     if one_launch is None:
-        # One launch up to ~8 waves of one-split suffix programs. Llama-1b's decode graphs on
-        # gsp-shaped batches (bench_kernels.py --only cascade-graph, H100): 32 rows 15.8 vs
-        # 19.1 us, 128 rows 53.6 vs 60.7 us; at 1,024 rows two launches win, 317 vs 323 us.
-        one_launch = b * hkv <= 8 * sms
+        # One launch up to ~32 waves of one-split suffix programs. Llama-1b's decode graphs on
+        # gsp-shaped batches, one launch vs two or three (bench_kernels.py --only cascade-graph
+        # --cascade-groups 2,8,16,32,64, H100): 32 rows 15.8 vs 19.1 us, 128 rows 53.6 vs 60.7,
+        # 256 rows 86.9 vs 95.8, 512 rows 161 vs 171; at 1,024 rows two launches win, 317 vs 323.
+        one_launch = b * hkv <= 32 * sms
     if one_launch and has_prefix:
         # One grid holds both parts, so they share its ~2 waves: the prefix splits for about one
         # wave, the suffix splits for what is left (the 32-row graph: 9 and 1 split(s), where

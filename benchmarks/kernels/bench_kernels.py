@@ -442,19 +442,16 @@ def bench_cascade(copy_gbs: float) -> None:
         f"{casc_bytes / ms_casc / 1e6:,.0f} GB/s effective")
 
 
-def bench_cascade_graph(copy_gbs: float, quick: bool) -> None:
+def bench_cascade_graph(copy_gbs: float, quick: bool, groups: tuple[int, ...] = (64, 2, 8)) -> None:
     """The shared-prefix op as llama-1b's decode graphs run it on gsp (d64, the context limit as
-    the length bounds, one group slot per row, the rest empty): the 1024-row graph (64 groups of
-    16), the 32-row graph of the peer's subset (2 groups of 16) and a 128-row one (8 groups)."""
+    the length bounds, one group slot per row, the rest empty), for `groups` groups of 16: the
+    1024-row graph (64 groups), the 32-row graph of the peer's subset (2) and a 128-row one (8)."""
     if SMOKE:
         _cascade_graph(copy_gbs, groups=2, per=3, prefix=32, suffix=9, hq=4, hkv=2, d=32, bound=64, quick=quick)
         return
-    _cascade_graph(copy_gbs, groups=64, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384,
-                   quick=quick)
-    _cascade_graph(copy_gbs, groups=2, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384,
-                   quick=quick)
-    _cascade_graph(copy_gbs, groups=8, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384,
-                   quick=quick)
+    for g in groups:
+        _cascade_graph(copy_gbs, groups=g, per=16, prefix=2048, suffix=256, hq=32, hkv=8, d=64, bound=16384,
+                       quick=quick)
 
 
 def _cascade_graph(copy_gbs: float, groups: int, per: int, prefix: int, suffix: int, hq: int, hkv: int, d: int,
@@ -574,6 +571,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--only", default="copy,decode,extend,cascade,elementwise")
+    parser.add_argument("--cascade-groups", default="64,2,8",
+                        help="cascade-graph: batches of this many groups of 16 requests (comma-separated)")
     opts = parser.parse_args()
     torch.manual_seed(0)
     if DEV == "cuda":
@@ -584,9 +583,10 @@ def main() -> None:
               f"triton {triton.__version__}", flush=True)
     only = set(opts.only.split(","))
     copy_gbs = bench_copy()
+    cascade_groups = tuple(int(g) for g in opts.cascade_groups.split(","))
     sections = [("decode", lambda: bench_decode(copy_gbs, opts.quick)), ("extend", lambda: bench_extend(opts.quick)),
-                ("cascade", lambda: bench_cascade(copy_gbs)), ("cascade-graph",
-                                                          lambda: bench_cascade_graph(copy_gbs, opts.quick)),
+                ("cascade", lambda: bench_cascade(copy_gbs)),
+                ("cascade-graph", lambda: bench_cascade_graph(copy_gbs, opts.quick, cascade_groups)),
                 ("elementwise", lambda: bench_elementwise(copy_gbs))]
     for name, fn in sections:
         if name in only:

@@ -403,7 +403,26 @@ def test_shared_prefix_one_launch_leaves_counters_zero():
         out = shared_mod.shared_prefix_impl(*padded, prefix_splits=2, suffix_splits=3, block_n=16, one_launch=True)
         assert_close(out, expected, TOL[torch.float32], "one launch, padded")
         assert not out[-pad:].any(), "padding rows attend to nothing"
-        assert not shared_mod._COUNTERS[q.device].any(), "arrival counters left non-zero"
+        assert not any(c.any() for c in shared_mod._COUNTERS[q.device]), "arrival counters left non-zero"
+
+
+def test_shared_prefix_counters_grow_without_freeing():
+    """A CUDA graph keeps the address of the counters it was captured with: a larger batch
+    later gets a larger buffer, and the old one must stay allocated (and zero)."""
+    device = torch.device("cpu")
+    saved = shared_mod._COUNTERS.pop(device, None)
+    try:
+        small = shared_mod._arrival_counters(device, 8)
+        assert shared_mod._arrival_counters(device, 8) is small
+        large = shared_mod._arrival_counters(device, small.numel() + 1)
+        assert large.numel() > small.numel() and not large.any()
+        assert [id(c) for c in shared_mod._COUNTERS[device]] == [id(small), id(large)]
+        assert shared_mod._arrival_counters(device, 8) is large
+    finally:
+        if saved is not None:
+            shared_mod._COUNTERS[device] = saved
+        else:
+            shared_mod._COUNTERS.pop(device, None)
 
 
 def test_shared_prefix_triton_bf16():
@@ -449,7 +468,7 @@ def test_shared_prefix_gsp_like_gpu():
                 out = shared_mod.shared_prefix_impl(*args, prefix_splits=splits[0], suffix_splits=splits[1],
                                                     one_launch=one_launch)
             assert_close(out, expected, TOL[torch.bfloat16], f"one_launch={one_launch} splits={splits}")
-    assert not shared_mod._COUNTERS[args[0].device].any()
+    assert not any(c.any() for c in shared_mod._COUNTERS[args[0].device])
 
 
 for _mark in gpu:
