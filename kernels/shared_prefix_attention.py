@@ -33,10 +33,12 @@ The Triton path launches one of two ways, both writing every part of a row (pref
 then suffix splits) to an fp32 scratch [B, Hq, parts, D] and merging by lse:
 
     small and medium batches, one launch: prefix programs and suffix programs in one grid; each
-        counts itself in on its rows (an atomic per row and head), and the program that brings
-        a row's count to `parts` merges that row and zeroes its count for the next launch. No
+        counts itself in on its rows (an atomic per row and head, on counts zeroed for this
+        launch), and the program that brings a row's count to `parts` merges that row. No
         launch gaps between the parts and no merge launch: what a 32-row decode step needs,
-        where each kernel is a few microseconds.
+        where each kernel is a few microseconds. (The counts are zeroed by every call, not
+        left at zero by the last one: a launch whose rows break the contract, such as a CUDA
+        graph's warm-up on placeholder inputs, must not corrupt the launches after it.)
     large batches, two launches: the prefix kernel, then the suffix kernel with one split per
         row, which merges the prefix parts into its own and writes o.
 
@@ -227,9 +229,9 @@ if HAS_TRITON:
         D: tl.constexpr, BLOCK_D: tl.constexpr, TOTAL_SPLITS: tl.constexpr,
     ):
         """After a program stored its partial for `rows` (flat b * Hq + head): count it in, and
-        the program that brings a row's count to TOTAL_SPLITS merges the row's parts, writes o
-        and zeroes the count for the next launch. The barrier makes every thread's partial
-        stores precede the gpu-scope release of the atomic; the loads after it bypass L1."""
+        the program that brings a row's count to TOTAL_SPLITS merges the row's parts and writes
+        o. The barrier makes every thread's partial stores precede the gpu-scope release of the
+        atomic; the loads after it bypass L1."""
         tl.debug_barrier()
         old = tl.atomic_add(counters_ptr + rows, 1, mask=mask, sem="acq_rel", scope="gpu")
         last = mask & (old == TOTAL_SPLITS - 1)
@@ -253,7 +255,6 @@ if HAS_TRITON:
                 total += w
             o = acc / tl.where(total > 0.0, total, 1.0)[:, None]
             tl.store(o_ptr + out_off[:, None] + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=io_mask)
-            tl.store(counters_ptr + rows, tl.zeros(rows.shape, tl.int32), mask=last)
 
     @triton.jit
     def _cascade_one_launch_kernel(
@@ -377,25 +378,6 @@ def merge_attention_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tenso
     return o, lse
 
 
-# Arrival counts of the one-launch kernel, [>= B * Hq] int32 per device, all zero between
-# launches (the merging program zeroes its rows). Launches on one device must be stream-ordered,
-# which the engine's single stream (and a CUDA graph's replay of it) guarantees. Allocated on
-# first use, which capture_graph's eager warm-up makes happen before a capture. A larger batch
-# gets a larger buffer, and the smaller ones stay alive: graphs captured earlier hold their
-# addresses.
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    buffers = _COUNTERS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("shared_prefix_decode_attention: run a batch of this size once before capturing "
-                               "it in a CUDA graph (its arrival counters are allocated on first use)")
-        buffers.append(torch.zeros(max(n, 1 << 15), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def shared_prefix_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_page_table: torch.Tensor,
     prefix_lens: torch.Tensor, cu_groups: torch.Tensor, suffix_page_table: torch.Tensor, suffix_lens: torch.Tensor,
@@ -475,7 +457,7 @@ def shared_prefix_impl(
         mid_lse = torch.empty((b, hq, sp + ss), dtype=torch.float32, device=q.device)
         _cascade_one_launch_kernel[(num_prefix_programs + b * hkv * ss,)](
             q, k_cache, v_cache, prefix_page_table, prefix_lens, cu_groups, suffix_page_table, suffix_lens,
-            mid_o, mid_lse, _arrival_counters(q.device, b * hq), o,
+            mid_o, mid_lse, torch.zeros(b * hq, dtype=torch.int32, device=q.device), o,
             q.stride(0), q.stride(1), prefix_page_table.stride(0), suffix_page_table.stride(0), o.stride(0),
             o.stride(1), float(sm_scale) * _LOG2E, num_prefix_programs,
             HKV=hkv, GQ=gq, D=d, PREFIX_SPLITS=sp, SUFFIX_SPLITS=ss, RBLOCKS=rblocks, RPB=rpb, BLOCK_M=bm,
