@@ -429,9 +429,10 @@ def shared_prefix_impl(
     has_prefix = groups > 0 and max_prefix_len > 0
     if one_launch is None:
         # One launch up to ~32 waves of one-split suffix programs. Llama-1b's decode graphs on
-        # gsp-shaped batches, one launch vs two or three (bench_kernels.py --only cascade-graph
-        # --cascade-groups 2,8,16,32,64, H100): 32 rows 15.8 vs 19.1 us, 128 rows 53.6 vs 60.7,
-        # 256 rows 86.9 vs 95.8, 512 rows 161 vs 171; at 1,024 rows two launches win, 317 vs 323.
+        # gsp-shaped batches, one launch vs two (bench_kernels.py --only cascade-graph
+        # --cascade-groups 2,8,16,32,64, H100): 128 rows 49.6 vs 60.3 us, 256 rows 88.4 vs 95.8,
+        # 512 rows 164 vs 171; 32 rows 16.2 us (three launches at their splits: ~20); at 1,024
+        # rows two launches win, 317 vs 323.
         one_launch = b * hkv <= 32 * sms
     if one_launch and has_prefix:
         # One grid holds both parts, so they share its ~2 waves: the prefix splits for about one
