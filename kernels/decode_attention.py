@@ -146,6 +146,39 @@ if HAS_TRITON:
         return m_i, l_i, acc
 
     @triton.jit
+    def _request_split_part(
+        q_ptr, k_cache_ptr, v_cache_ptr, page_row_ptr, seq_len, b, kvh, s, stride_qb, stride_qh, qk_scale,
+        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Split s of NUM_SPLITS of request b's `seq_len` tokens (pages at `page_row_ptr`) for
+        the G query heads of KV head kvh. Returns (o [BLOCK_G, BLOCK_D] normalized, lse
+        [BLOCK_G] log2 units, -inf for an empty split, heads, gmask)."""
+        # Per-request split length, a multiple of BLOCK_N so only the last block is ragged.
+        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = s * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kvh * G + offs_g
+        gmask = offs_g < G
+        dmask = offs_d < D
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        m_i, l_i, acc = _paged_partial_attention(
+            q, k_cache_ptr, v_cache_ptr, page_row_ptr, kvh, start, end,
+            qk_scale, m_i, l_i, acc, HKV, D, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
+        )
+        nonempty = l_i > 0.0
+        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        return o, lse, heads, gmask
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, mid_o_ptr, mid_lse_ptr, o_ptr,
         stride_qb, stride_qh, stride_pt, stride_ob, stride_oh, qk_scale,
@@ -161,29 +194,13 @@ if HAS_TRITON:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
-        seq_len = tl.load(seq_lens_ptr + b)
-        # Per-request split length, a multiple of BLOCK_N so only the last block is ragged.
-        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = s * split_len
-        end = tl.minimum(start + split_len, seq_len)
-
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        heads = kvh * G + offs_g
-        gmask = offs_g < G
-        dmask = offs_d < D
-        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        m_i, l_i, acc = _paged_partial_attention(
-            q, k_cache_ptr, v_cache_ptr, page_table_ptr + b.to(tl.int64) * stride_pt, kvh, start, end,
-            qk_scale, m_i, l_i, acc, HKV, D, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
+        o, lse, heads, gmask = _request_split_part(
+            q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr + b.to(tl.int64) * stride_pt, tl.load(seq_lens_ptr + b),
+            b, kvh, s, stride_qb, stride_qh, qk_scale, HKV, G, D, NUM_SPLITS, BLOCK_G, BLOCK_D, BLOCK_N, PAGE_SIZE,
+            DOT_F32, PRECISION,
         )
-        nonempty = l_i > 0.0
-        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
         # mid_o: [B, Hq, TOTAL_SPLITS, D] fp32, mid_lse: [B, Hq, TOTAL_SPLITS] fp32 (log2 units).
         base = (b * (HKV * G) + heads).to(tl.int64) * TOTAL_SPLITS
         io_mask = gmask[:, None] & dmask[None, :]

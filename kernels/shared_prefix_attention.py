@@ -83,7 +83,7 @@ from .decode_attention import (
 )
 
 if HAS_TRITON:
-    from .decode_attention import _paged_partial_attention
+    from .decode_attention import _paged_partial_attention, _request_split_part
 
 __all__ = [
     "shared_prefix_decode_attention",
@@ -179,36 +179,30 @@ def merge_attention_states_reference(o1: torch.Tensor, lse1: torch.Tensor, o2: t
 if HAS_TRITON:
 
     @triton.jit
-    def _prefix_split_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, prefix_pt_ptr, prefix_lens_ptr, cu_groups_ptr, mid_o_ptr, mid_lse_ptr,
-        stride_qb, stride_qh, stride_pt, qk_scale,
+    def _group_prefix_part(
+        q_ptr, k_cache_ptr, v_cache_ptr, prefix_pt_ptr, prefix_lens_ptr, mid_o_ptr, mid_lse_ptr,
+        g, kvh, first, r_end, s, col, stride_qb, stride_qh, stride_pt, qk_scale,
         HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
         TOTAL_SPLITS: tl.constexpr, RPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # Grid (G, Hkv, request blocks x splits). Tile row i = request first + i // GQ, query
-        # head kvh * GQ + i % GQ: RPB requests of the group share every K/V block loaded here.
-        g = tl.program_id(0)
-        kvh = tl.program_id(1)
-        rb = tl.program_id(2) // NUM_SPLITS
-        s = tl.program_id(2) % NUM_SPLITS
-        r_end = tl.load(cu_groups_ptr + g + 1)
-        first = tl.load(cu_groups_ptr + g) + rb * RPB
-        if first >= r_end:
-            return
+        """Split s of NUM_SPLITS of group g's prefix for up to RPB requests from row `first`
+        (rows before r_end) and the GQ query heads of KV head kvh: tile row i is request
+        first + i // GQ, query head kvh * GQ + i % GQ, so every K/V block loaded feeds a
+        [rows, D] x [D, BLOCK_N] tensor-core product. Stores each row's normalized part and
+        log2-sum-exp in scratch column `col`; returns (flat rows b * Hq + head, row mask)."""
         plen = tl.load(prefix_lens_ptr + g)
         split_len = tl.cdiv(tl.cdiv(plen, NUM_SPLITS), BLOCK_N) * BLOCK_N
         start = s * split_len
         end = tl.minimum(start + split_len, plen)
-
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         req = first + offs_m // GQ
         head = kvh * GQ + offs_m % GQ
         rmask = (offs_m < RPB * GQ) & (req < r_end)
-        dmask = offs_d < D
+        io_mask = rmask[:, None] & (offs_d < D)[None, :]
         q = tl.load(q_ptr + req.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+                    mask=io_mask, other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -219,9 +213,32 @@ if HAS_TRITON:
         nonempty = l_i > 0.0
         o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        row = (req.to(tl.int64) * (HKV * GQ) + head) * TOTAL_SPLITS + s
-        tl.store(mid_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
-        tl.store(mid_lse_ptr + row, lse, mask=rmask)
+        rows = req.to(tl.int64) * (HKV * GQ) + head
+        tl.store(mid_o_ptr + (rows * TOTAL_SPLITS + col)[:, None] * D + offs_d[None, :], o, mask=io_mask)
+        tl.store(mid_lse_ptr + rows * TOTAL_SPLITS + col, lse, mask=rmask)
+        return rows, rmask
+
+    @triton.jit
+    def _prefix_split_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, prefix_pt_ptr, prefix_lens_ptr, cu_groups_ptr, mid_o_ptr, mid_lse_ptr,
+        stride_qb, stride_qh, stride_pt, qk_scale,
+        HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        TOTAL_SPLITS: tl.constexpr, RPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # Grid (G, Hkv, request blocks x splits); split s goes to scratch column s.
+        g = tl.program_id(0)
+        kvh = tl.program_id(1)
+        rb = tl.program_id(2) // NUM_SPLITS
+        s = tl.program_id(2) % NUM_SPLITS
+        r_end = tl.load(cu_groups_ptr + g + 1)
+        first = tl.load(cu_groups_ptr + g) + rb * RPB
+        if first < r_end:
+            _group_prefix_part(
+                q_ptr, k_cache_ptr, v_cache_ptr, prefix_pt_ptr, prefix_lens_ptr, mid_o_ptr, mid_lse_ptr,
+                g, kvh, first, r_end, s, s, stride_qb, stride_qh, stride_pt, qk_scale,
+                HKV, GQ, D, NUM_SPLITS, TOTAL_SPLITS, RPB, BLOCK_M, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
+            )
 
     @triton.jit
     def _arrive_and_merge(
@@ -268,11 +285,9 @@ if HAS_TRITON:
     ):
         # One grid, prefix programs first: pid < num_prefix_programs is (group, KV head, request
         # block, prefix split) as in _prefix_split_kernel, the rest (request, KV head, suffix
-        # split). Every program writes one scratch column of its rows; the last to arrive at a
-        # row merges (no second launch, and prefix and suffix work share the GPU's waves).
+        # split). Every program writes one scratch column of its rows (prefix split s: column s,
+        # suffix split s: column PREFIX_SPLITS + s); the last to arrive at a row merges it.
         pid = tl.program_id(0)
-        offs_d = tl.arange(0, BLOCK_D)
-        dmask = offs_d < D
         total: tl.constexpr = PREFIX_SPLITS + SUFFIX_SPLITS
         if pid < num_prefix_programs:
             g = pid // (HKV * RBLOCKS * PREFIX_SPLITS)
@@ -283,59 +298,30 @@ if HAS_TRITON:
             r_end = tl.load(cu_groups_ptr + g + 1)
             first = tl.load(cu_groups_ptr + g) + rb * RPB
             if first < r_end:
-                plen = tl.load(prefix_lens_ptr + g)
-                split_len = tl.cdiv(tl.cdiv(plen, PREFIX_SPLITS), BLOCK_N) * BLOCK_N
-                start = s * split_len
-                end = tl.minimum(start + split_len, plen)
-                offs_m = tl.arange(0, BLOCK_M)
-                req = first + offs_m // GQ
-                head = kvh * GQ + offs_m % GQ
-                rmask = (offs_m < RPB * GQ) & (req < r_end)
-                q = tl.load(q_ptr + req.to(tl.int64)[:, None] * stride_qb + head[:, None] * stride_qh
-                            + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l_i = tl.zeros([BLOCK_M], tl.float32)
-                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                m_i, l_i, acc = _paged_partial_attention(
-                    q, k_cache_ptr, v_cache_ptr, prefix_pt_ptr + g.to(tl.int64) * stride_ppt, kvh, start, end,
-                    qk_scale, m_i, l_i, acc, HKV, D, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
+                rows, rmask = _group_prefix_part(
+                    q_ptr, k_cache_ptr, v_cache_ptr, prefix_pt_ptr, prefix_lens_ptr, mid_o_ptr, mid_lse_ptr,
+                    g, kvh, first, r_end, s, s, stride_qb, stride_qh, stride_ppt, qk_scale,
+                    HKV, GQ, D, PREFIX_SPLITS, total, RPB, BLOCK_M, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
                 )
-                nonempty = l_i > 0.0
-                rows = req.to(tl.int64) * (HKV * GQ) + head
-                tl.store(mid_o_ptr + (rows * total + s)[:, None] * D + offs_d[None, :],
-                         acc / tl.where(nonempty, l_i, 1.0)[:, None], mask=rmask[:, None] & dmask[None, :])
-                tl.store(mid_lse_ptr + rows * total + s,
-                         tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf")), mask=rmask)
-                _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, rows,
-                                  req.to(tl.int64) * stride_ob + head * stride_oh, rmask, D, BLOCK_D, total)
+                # rows = b * Hq + head; o [B, Hq, D] has strides (stride_ob, stride_oh, 1)
+                out_off = (rows // (HKV * GQ)) * stride_ob + (rows % (HKV * GQ)) * stride_oh
+                _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, rows, out_off, rmask, D, BLOCK_D,
+                                  total)
         else:
             sid = pid - num_prefix_programs
             b = sid // (HKV * SUFFIX_SPLITS)
             kvh = (sid // SUFFIX_SPLITS) % HKV
             s = sid % SUFFIX_SPLITS
-            seq_len = tl.load(suffix_lens_ptr + b)
-            split_len = tl.cdiv(tl.cdiv(seq_len, SUFFIX_SPLITS), BLOCK_N) * BLOCK_N
-            start = s * split_len
-            end = tl.minimum(start + split_len, seq_len)
-            offs_g = tl.arange(0, BLOCK_G)
-            heads = kvh * GQ + offs_g
-            gmask = offs_g < GQ
-            q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                        mask=gmask[:, None] & dmask[None, :], other=0.0)
-            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_G], tl.float32)
-            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            m_i, l_i, acc = _paged_partial_attention(
-                q, k_cache_ptr, v_cache_ptr, suffix_pt_ptr + b.to(tl.int64) * stride_spt, kvh, start, end,
-                qk_scale, m_i, l_i, acc, HKV, D, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
+            o, lse, heads, gmask = _request_split_part(
+                q_ptr, k_cache_ptr, v_cache_ptr, suffix_pt_ptr + b.to(tl.int64) * stride_spt,
+                tl.load(suffix_lens_ptr + b), b, kvh, s, stride_qb, stride_qh, qk_scale,
+                HKV, GQ, D, SUFFIX_SPLITS, BLOCK_G, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
             )
-            nonempty = l_i > 0.0
+            offs_d = tl.arange(0, BLOCK_D)
             rows = b.to(tl.int64) * (HKV * GQ) + heads
-            col = PREFIX_SPLITS + s
-            tl.store(mid_o_ptr + (rows * total + col)[:, None] * D + offs_d[None, :],
-                     acc / tl.where(nonempty, l_i, 1.0)[:, None], mask=gmask[:, None] & dmask[None, :])
-            tl.store(mid_lse_ptr + rows * total + col,
-                     tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf")), mask=gmask)
+            cell = rows * total + PREFIX_SPLITS + s
+            tl.store(mid_o_ptr + cell[:, None] * D + offs_d[None, :], o, mask=gmask[:, None] & (offs_d < D)[None, :])
+            tl.store(mid_lse_ptr + cell, lse, mask=gmask)
             _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, rows,
                               b.to(tl.int64) * stride_ob + heads * stride_oh, gmask, D, BLOCK_D, total)
 
