@@ -4,6 +4,7 @@
     python benchmarks/profile_decode.py --model llama-8b --batches 64
     python benchmarks/profile_decode.py --batches 32,1024 --burst 8   # + a decode burst of 8
     python benchmarks/profile_decode.py --batches 1024 --two-streams  # + two half batches at once
+    python benchmarks/profile_decode.py --batches 512 --burst 0 --sm-partition  # GEMMs beside attention
     python benchmarks/profile_decode.py --gemms --batches 32,64,256   # the projections alone, by layout
 
 Builds the engine's decode graphs (plain and shared-prefix) for a gsp-like batch: groups of 16
@@ -130,6 +131,13 @@ def two_streams_ms(model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, rows: 
     return out
 
 
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of a decoder layer, as the model fuses them."""
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    return {"qkv": (cfg.hidden_size, qkv), "o": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
+            "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size), "down": (cfg.intermediate_size, cfg.hidden_size)}
+
+
 def gemm_layouts(cfg: ModelConfig, batches: list[int], copy_bps: float) -> None:
     """Each decode projection of `cfg` (one weight per layer, as the model reads them: nothing
     reused from L2) at each row count, captured as one CUDA graph of all layers' calls: F.linear
@@ -137,12 +145,8 @@ def gemm_layouts(cfg: ModelConfig, batches: list[int], copy_bps: float) -> None:
     cuBLASLt. Prints the fraction of the copy rate each reaches on the weights' bytes."""
     from torch.nn import functional as F
 
-    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    shapes = {"qkv": (cfg.hidden_size, qkv), "o": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
-              "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size),
-              "down": (cfg.intermediate_size, cfg.hidden_size)}
     layers = cfg.num_layers
-    for name, (k_in, n_out) in shapes.items():
+    for name, (k_in, n_out) in projection_shapes(cfg).items():
         w = [torch.randn(n_out, k_in, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
         wt = [x.t().contiguous() for x in w]
         nbytes = layers * n_out * k_in * 2
@@ -166,7 +170,7 @@ def gemm_layouts(cfg: ModelConfig, batches: list[int], copy_bps: float) -> None:
                 for label, ms in results.items()))
 
 
-def sm_partition(cfg: ModelConfig, kv: KVCache, rows: DecodeRows, groups: list, copy_bps: float,
+def sm_partition(cfg: ModelConfig, kv: KVCache, rows: DecodeRows, groups: list,
                  carveouts: tuple[int | None, ...] = (None, 16, 32, 48, 66)) -> None:
     """Can a decode step's compute-bound GEMMs run beside its bandwidth-bound attention if the
     GEMMs leave SMs free? All layers' projections at this batch (cuBLASLt, SM count target =
@@ -182,9 +186,7 @@ def sm_partition(cfg: ModelConfig, kv: KVCache, rows: DecodeRows, groups: list, 
         print("   torch has no _set_sm_carveout_experimental: nothing to measure")
         return
     bs, layers = len(rows), cfg.num_layers
-    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    shapes = [(cfg.hidden_size, qkv), (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
-              (cfg.hidden_size, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.hidden_size)]
+    shapes = list(projection_shapes(cfg).values())
     w = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for k, n in shapes] for _ in range(layers)]
     xs = {k: torch.randn(bs, k, device="cuda", dtype=torch.bfloat16) for k, _ in shapes}
     plan = CascadePlan(list(range(bs)), groups)
@@ -327,7 +329,7 @@ def main() -> int:
                 print(f"   {us:9.1f} us  {name}")
             summary.append((label, per_step, floor_ms))
         if args.sm_partition:
-            sm_partition(cfg, kv, rows, groups, copy_bps)
+            sm_partition(cfg, kv, rows, groups)
         if args.two_streams:
             max_len = args.prefix + args.own + args.burst + PAGE
             for label, ms in two_streams_ms(model, cfg, kv, rows, groups, max_len, num_pages - 1,
