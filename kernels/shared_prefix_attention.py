@@ -190,7 +190,7 @@ if HAS_TRITON:
         (rows before r_end) and the GQ query heads of KV head kvh: tile row i is request
         first + i // GQ, query head kvh * GQ + i % GQ, so every K/V block loaded feeds a
         [rows, D] x [D, BLOCK_N] tensor-core product. Stores each row's normalized part and
-        log2-sum-exp in scratch column `col`; returns (flat rows b * Hq + head, row mask)."""
+        log2-sum-exp in scratch column `col`; returns (request, query head, real) per tile row."""
         plen = tl.load(prefix_lens_ptr + g)
         split_len = tl.cdiv(tl.cdiv(plen, NUM_SPLITS), BLOCK_N) * BLOCK_N
         start = s * split_len
@@ -216,7 +216,7 @@ if HAS_TRITON:
         rows = req.to(tl.int64) * (HKV * GQ) + head
         tl.store(mid_o_ptr + (rows * TOTAL_SPLITS + col)[:, None] * D + offs_d[None, :], o, mask=io_mask)
         tl.store(mid_lse_ptr + rows * TOTAL_SPLITS + col, lse, mask=rmask)
-        return rows, rmask
+        return req, head, rmask
 
     @triton.jit
     def _prefix_split_kernel(
@@ -298,15 +298,14 @@ if HAS_TRITON:
             r_end = tl.load(cu_groups_ptr + g + 1)
             first = tl.load(cu_groups_ptr + g) + rb * RPB
             if first < r_end:
-                rows, rmask = _group_prefix_part(
+                req, head, rmask = _group_prefix_part(
                     q_ptr, k_cache_ptr, v_cache_ptr, prefix_pt_ptr, prefix_lens_ptr, mid_o_ptr, mid_lse_ptr,
                     g, kvh, first, r_end, s, s, stride_qb, stride_qh, stride_ppt, qk_scale,
                     HKV, GQ, D, PREFIX_SPLITS, total, RPB, BLOCK_M, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
                 )
-                # rows = b * Hq + head; o [B, Hq, D] has strides (stride_ob, stride_oh, 1)
-                out_off = (rows // (HKV * GQ)) * stride_ob + (rows % (HKV * GQ)) * stride_oh
-                _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, rows, out_off, rmask, D, BLOCK_D,
-                                  total)
+                req = req.to(tl.int64)
+                _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, req * (HKV * GQ) + head,
+                                  req * stride_ob + head * stride_oh, rmask, D, BLOCK_D, total)
         else:
             sid = pid - num_prefix_programs
             b = sid // (HKV * SUFFIX_SPLITS)
@@ -410,8 +409,6 @@ def shared_prefix_impl(
     # slots would leave 2 real groups of 16 with 2 x Hkv x 2 programs walking 1k tokens each
     # (measured on an H100: 25 us per layer, 0.3 TB/s, slower than reading the prefix per request).
     fewest_groups = min(max(1, groups), -(-b // max(1, max_group_size)))
-    sp = prefix_splits or choose_num_splits(fewest_groups * rblocks, hkv, max_prefix_len, sms)
-    ss = suffix_splits or choose_num_splits(b, hkv, max_suffix_len, sms)
     has_prefix = groups > 0 and max_prefix_len > 0
     if one_launch is None:
         # One launch up to ~32 waves of one-split suffix programs. Llama-1b's decode graphs on
@@ -420,15 +417,18 @@ def shared_prefix_impl(
         # 512 rows 164 vs 171; 32 rows 16.2 us (three launches at their splits: ~20); at 1,024
         # rows two launches win, 317 vs 323.
         one_launch = b * hkv <= 32 * sms
-    if one_launch and has_prefix:
+    one_launch = one_launch and has_prefix  # without a prefix there is nothing to launch beside
+    if one_launch:
         # One grid holds both parts, so they share its ~2 waves: the prefix splits for about one
         # wave, the suffix splits for what is left (the 32-row graph: 9 and 1 split(s), where
         # the two-launch sizing is 17 and 2).
         sp = prefix_splits or choose_num_splits(fewest_groups * rblocks, hkv, max_prefix_len, sms,
                                                 target_programs=sms)
-        prefix_programs = fewest_groups * rblocks * hkv * sp
         ss = suffix_splits or choose_num_splits(b, hkv, max_suffix_len, sms,
-                                                target_programs=2 * sms - prefix_programs)
+                                                target_programs=2 * sms - fewest_groups * rblocks * hkv * sp)
+    else:  # each launch fills ~2 waves on its own
+        sp = prefix_splits or choose_num_splits(fewest_groups * rblocks, hkv, max_prefix_len, sms)
+        ss = suffix_splits or choose_num_splits(b, hkv, max_suffix_len, sms)
     block_d = max(16, next_power_of_2(d))  # tl.dot needs K >= 16 on the GPU
     bn = max(16, block_n or (64 if block_d <= 128 else 32))
     dot_f32, precision = dot_flags(q.dtype, is_interpreted(_prefix_split_kernel))
@@ -437,7 +437,7 @@ def shared_prefix_impl(
         extra["num_warps"] = num_warps
     if num_stages is not None:
         extra["num_stages"] = num_stages
-    if one_launch and has_prefix:
+    if one_launch:
         # One grid: every row's sp prefix parts and ss suffix parts, merged by the last to finish.
         num_prefix_programs = groups * hkv * rblocks * sp
         mid_o = torch.empty((b, hq, sp + ss, d), dtype=torch.float32, device=q.device)
