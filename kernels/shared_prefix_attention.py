@@ -190,7 +190,7 @@ if HAS_TRITON:
         (rows before r_end) and the GQ query heads of KV head kvh: tile row i is request
         first + i // GQ, query head kvh * GQ + i % GQ, so every K/V block loaded feeds a
         [rows, D] x [D, BLOCK_N] tensor-core product. Stores each row's normalized part and
-        log2-sum-exp in scratch column `col`; returns (request, query head, real) per tile row."""
+        log2-sum-exp in scratch column `col`; returns (flat rows b * Hq + head, row mask)."""
         plen = tl.load(prefix_lens_ptr + g)
         split_len = tl.cdiv(tl.cdiv(plen, NUM_SPLITS), BLOCK_N) * BLOCK_N
         start = s * split_len
@@ -216,7 +216,7 @@ if HAS_TRITON:
         rows = req.to(tl.int64) * (HKV * GQ) + head
         tl.store(mid_o_ptr + (rows * TOTAL_SPLITS + col)[:, None] * D + offs_d[None, :], o, mask=io_mask)
         tl.store(mid_lse_ptr + rows * TOTAL_SPLITS + col, lse, mask=rmask)
-        return req, head, rmask
+        return rows, rmask
 
     @triton.jit
     def _prefix_split_kernel(
@@ -298,14 +298,15 @@ if HAS_TRITON:
             r_end = tl.load(cu_groups_ptr + g + 1)
             first = tl.load(cu_groups_ptr + g) + rb * RPB
             if first < r_end:
-                req, head, rmask = _group_prefix_part(
+                rows, rmask = _group_prefix_part(
                     q_ptr, k_cache_ptr, v_cache_ptr, prefix_pt_ptr, prefix_lens_ptr, mid_o_ptr, mid_lse_ptr,
                     g, kvh, first, r_end, s, s, stride_qb, stride_qh, stride_ppt, qk_scale,
                     HKV, GQ, D, PREFIX_SPLITS, total, RPB, BLOCK_M, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_F32, PRECISION,
                 )
-                req = req.to(tl.int64)
-                _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, req * (HKV * GQ) + head,
-                                  req * stride_ob + head * stride_oh, rmask, D, BLOCK_D, total)
+                # rows = b * Hq + head; o [B, Hq, D] has strides (stride_ob, stride_oh, 1)
+                out_off = (rows // (HKV * GQ)) * stride_ob + (rows % (HKV * GQ)) * stride_oh
+                _arrive_and_merge(mid_o_ptr, mid_lse_ptr, counters_ptr, o_ptr, rows, out_off, rmask, D, BLOCK_D,
+                                  total)
         else:
             sid = pid - num_prefix_programs
             b = sid // (HKV * SUFFIX_SPLITS)
