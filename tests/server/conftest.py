@@ -7,6 +7,7 @@ test_real_engine.py, where one `Engine(model="default")` serves the whole module
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -50,6 +51,21 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+async def stream_and_hang_up(http: httpx.AsyncClient, path: str, body: dict) -> None:
+    """POST a streaming request and disconnect once its first event arrives (a client that
+    leaves mid-stream). Raw httpx with the chunk iterator closed before the response: the
+    OpenAI SDK's stream, left mid-iteration, keeps nested async generators that the event
+    loop finalizes at shutdown, all at once, and httpx then reports "async generator already
+    executing" as an unraisable exception (a client-side warning, seen 1 run in ~15)."""
+    async with http.stream("POST", path, json=body) as resp:
+        assert resp.status_code == 200, resp.status_code
+        async with contextlib.aclosing(resp.aiter_raw()) as chunks:
+            async for chunk in chunks:
+                if chunk.startswith(b"data:"):
+                    return
+    raise AssertionError("the stream ended without an event")
 
 
 class FakeServer:

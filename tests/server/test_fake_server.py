@@ -19,7 +19,7 @@ import pytest
 
 from radixserve.runtime.constraints.spec import ConstraintSpec
 
-from .conftest import API_KEY, FakeServer, start_fake_server
+from .conftest import API_KEY, FakeServer, start_fake_server, stream_and_hang_up
 from .fake_engine import REPLY, TOOL_REPLY
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -711,23 +711,26 @@ def test_disconnect_non_streaming_aborts(fake):
 
 
 def test_concurrent_streams_with_early_disconnects(fake):
-    async def one(i: int, client: openai.AsyncOpenAI) -> str | None:
+    async def reader(i: int, client: openai.AsyncOpenAI) -> str:
         stream = await client.chat.completions.create(
             model="fake", messages=[{"role": "user", "content": f"user {i}"}], max_tokens=8, stream=True)
         text = ""
         async for chunk in stream:
             text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
-            if i % 4 == 0 and text:
-                await stream.close()
-                return None
         return text
 
     async def main() -> list[str | None]:
         client = openai.AsyncOpenAI(base_url=fake.url + "/v1", api_key=API_KEY, max_retries=0)
+        http = httpx.AsyncClient(base_url=fake.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
         try:
-            return await asyncio.gather(*(one(i, client) for i in range(64)))
+            return await asyncio.gather(*(
+                stream_and_hang_up(http, "/v1/chat/completions", {
+                    "model": "fake", "messages": [{"role": "user", "content": f"user {i}"}], "max_tokens": 8,
+                    "stream": True})
+                if i % 4 == 0 else reader(i, client) for i in range(64)))
         finally:
             await client.close()
+            await http.aclose()
 
     results = asyncio.run(main())
     assert all(text == REPLY[:8] for i, text in enumerate(results) if i % 4)

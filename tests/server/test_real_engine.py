@@ -21,7 +21,7 @@ import pytest
 from radixserve.server.app import create_app
 from radixserve.server.settings import ServerSettings
 
-from .conftest import API_KEY, ServerThread
+from .conftest import API_KEY, ServerThread, stream_and_hang_up
 
 
 class RealServer:
@@ -192,26 +192,27 @@ def test_64_concurrent_streams_with_disconnects(real):
             health_latencies.append(time.monotonic() - start)
             time.sleep(0.05)
 
+    def request(i: int) -> dict:
+        return dict(model=real.model, messages=[{"role": "user", "content": f"Tell me about the number {i}."}],
+                    max_tokens=8, temperature=0.7, seed=i, stream=True)
+
     async def one(i: int, client: openai.AsyncOpenAI) -> str | None:
-        stream = await client.chat.completions.create(
-            model=real.model, messages=[{"role": "user", "content": f"Tell me about the number {i}."}],
-            max_tokens=8, temperature=0.7, seed=i, stream=True,
-        )
         finish = None
-        async for chunk in stream:
-            if i % 4 == 0:
-                await stream.close()
-                return None
+        async for chunk in await client.chat.completions.create(**request(i)):
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
         return finish
 
     async def main() -> list[str | None]:
         client = openai.AsyncOpenAI(base_url=real.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        http = httpx.AsyncClient(base_url=real.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
         try:
-            return await asyncio.gather(*(one(i, client) for i in range(64)))
+            return await asyncio.gather(*(
+                stream_and_hang_up(http, "/v1/chat/completions", request(i)) if i % 4 == 0 else one(i, client)
+                for i in range(64)))
         finally:
             await client.close()
+            await http.aclose()
 
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()
