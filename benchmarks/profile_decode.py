@@ -6,6 +6,7 @@
     python benchmarks/profile_decode.py --batches 1024 --two-streams  # + two half batches at once
     python benchmarks/profile_decode.py --batches 512 --burst 0 --sm-partition  # GEMMs beside attention
     python benchmarks/profile_decode.py --gemms --batches 32,64,256   # the projections alone, by layout
+    python benchmarks/profile_decode.py --batches 1024 --burst 0 --beside-prefill 4096,16384  # decode beside prefill
 
 Builds the engine's decode graphs (plain and shared-prefix) for a gsp-like batch: groups of 16
 requests sharing a 2048-token prefix, each with 128 question tokens plus 128 generated ones of
@@ -36,6 +37,7 @@ from radixserve.runtime.loader import ResolvedModel, load_model  # noqa: E402
 from radixserve.runtime.model_config import NAMED_SHAPES, ModelConfig  # noqa: E402
 
 PAGE = 16
+CHUNK_NEW, CHUNK_CACHED = 128, 2048  # --beside-prefill: each request of a chunk, as in gsp's prefill steps
 
 
 def gsp_rows(batch: int, prefix: int, own: int, rng: random.Random, free: list[int],
@@ -244,6 +246,53 @@ def sm_partition(cfg: ModelConfig, kv: KVCache, rows: DecodeRows, groups: list,
         torch.backends.cuda.preferred_blas_library(prev)
 
 
+def beside_prefill(model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, decode_graph: torch.cuda.CUDAGraph,
+                   tokens: int, first_page: int) -> list[tuple[str, float]]:
+    """Can decode steps run beside a prefill chunk? A prefill forward is compute-bound (its
+    GEMMs read the weights once for thousands of rows) and a large decode step mostly
+    bandwidth-bound (its attention), so on two streams each could take what the other leaves.
+    Builds a gsp-like chunk of `tokens` new tokens (requests of 128 over 2,048 cached, pages from
+    `first_page` on), captures its forward as a graph, and times k decode replays (k so that
+    they take about as long as the chunk) beside it, with either stream at the higher priority,
+    against the two in sequence. Returns (label, ms) rows."""
+    from radixserve.runtime.forward_batch import SeqStep, build_forward_batch
+
+    rng = random.Random(tokens)
+    requests, new, cached = tokens // CHUNK_NEW, CHUNK_NEW, CHUNK_CACHED
+    per = -(-(new + cached) // PAGE)
+    steps = [SeqStep(token_ids=[rng.randrange(cfg.vocab_size) for _ in range(new)], start=cached,
+                     pages=list(range(first_page + r * per, first_page + (r + 1) * per))) for r in range(requests)]
+    batch = build_forward_batch(steps, PAGE, "cuda")
+    with torch.inference_mode():
+        prefill_graph, _ = capture_graph(lambda: model(batch, kv), None, torch.cuda.Stream())
+    prefill_ms = bench_ms(prefill_graph.replay, reps=10, warmup=2)
+    decode_ms = bench_ms(decode_graph.replay, reps=20, warmup=2)
+    k = max(1, round(prefill_ms / decode_ms))
+
+    def decodes() -> None:
+        for _ in range(k):
+            decode_graph.replay()
+
+    out = [(f"prefill chunk of {tokens} tokens alone", prefill_ms), (f"{k} decode replays alone", k * decode_ms),
+           (f"chunk then {k} decode replays, one stream", bench_ms(lambda: (prefill_graph.replay(), decodes()), reps=10))]
+    for label, decode_priority in (("decode", -1), ("prefill", 0)):
+        d_stream, p_stream = torch.cuda.Stream(priority=decode_priority), torch.cuda.Stream(priority=-1 - decode_priority)
+
+        def together() -> None:
+            cur = torch.cuda.current_stream()
+            d_stream.wait_stream(cur)
+            p_stream.wait_stream(cur)
+            with torch.cuda.stream(p_stream):
+                prefill_graph.replay()
+            with torch.cuda.stream(d_stream):
+                decodes()
+            cur.wait_stream(d_stream)
+            cur.wait_stream(p_stream)
+
+        out.append((f"chunk beside {k} decode replays, two streams, {label} stream first", bench_ms(together, reps=10)))
+    return out
+
+
 def _graph_ms(fn) -> float:  # noqa: ANN001
     """Median ms of one replay of `fn` captured in a CUDA graph (as the engine captures)."""
     graph, _ = capture_graph(fn, None, torch.cuda.Stream())
@@ -267,6 +316,8 @@ def main() -> int:
     ap.add_argument("--two-streams", action="store_true",
                     help="also time each batch as two half batches replayed on two streams at once")
     ap.add_argument("--gemms", action="store_true", help="only the projections at each batch, by weight layout")
+    ap.add_argument("--beside-prefill", default="",
+                    help="also time decode replays beside prefill chunks of these token counts (comma-separated)")
     ap.add_argument("--sm-partition", action="store_true",
                     help="also time all layers' GEMMs (with SM carve-outs) beside all layers' attention")
     args = ap.parse_args()
@@ -281,7 +332,10 @@ def main() -> int:
     max_bs = max(batches)
     groups_max = -(-max_bs // 16)
     own_pages = -(-(args.own + args.burst) // PAGE)
-    num_pages = groups_max * (args.prefix // PAGE) + max_bs * own_pages + 2
+    prefill_chunks = [int(x) for x in args.beside_prefill.split(",") if x]
+    prefill_pages = max(prefill_chunks, default=0) // CHUNK_NEW * -(-(CHUNK_NEW + CHUNK_CACHED) // PAGE)
+    decode_pages = groups_max * (args.prefix // PAGE) + max_bs * own_pages + 1
+    num_pages = decode_pages + prefill_pages + 1
     kv = KVCache.for_model(cfg, num_pages, PAGE, torch.bfloat16, "cuda")
     for t in kv.k + kv.v:
         t.normal_(0, 1)
@@ -295,7 +349,7 @@ def main() -> int:
     summary = []
     for bs in batches:
         rng = random.Random(bs)
-        free = list(range(num_pages - 1))
+        free = list(range(decode_pages))
         rng.shuffle(free)
         rows, groups = gsp_rows(bs, args.prefix, args.own, rng, free, spare=args.burst)
         for cascade in (False, True):
@@ -330,6 +384,9 @@ def main() -> int:
             summary.append((label, per_step, floor_ms))
         if args.sm_partition:
             sm_partition(cfg, kv, rows, groups)
+        for chunk in prefill_chunks:
+            for label, ms in beside_prefill(model, cfg, kv, graphs._graphs[(bs, True)], chunk, decode_pages):
+                summary.append((f"batch {bs} cascade: {label}", ms, None))
         if args.two_streams:
             max_len = args.prefix + args.own + args.burst + PAGE
             for label, ms in two_streams_ms(model, cfg, kv, rows, groups, max_len, num_pages - 1,
