@@ -13,6 +13,10 @@ Figures (BENCHMARKS.md, kernel targets):
     SDPA with the cuDNN and the FlashAttention backends (target >= 0.8x cuDNN, > flash), with the
     new tokens' K/V passed as k_new/v_new (as the engine calls it) and all read from the pages; a
     prefix-heavy shape (4096 cached + 512 new tokens); a config sweep at 4k, best 5 timed per length
+  * extend-loads (not in the default --only): where the extend kernel's keys come from, at
+    three shapes (4k causal; gsp's prefill chunk, 128 requests x 128 new over 2,048 cached; a
+    short turn, 128 new over 8k): new keys by TMA, by pointers, or from the pages; pages of 16
+    scattered, of 16 in order, of 64
   * cascade: shared-prefix decode vs plain paged decode on a gsp-like batch (64 groups x 16
     requests, 2048-token shared prefix, 256-token private suffix), and the KV-bytes ratio
   * cascade-graph (not in the default --only): the shared-prefix op at llama-1b's decode-graph
@@ -402,6 +406,48 @@ def bench_extend(quick: bool) -> None:
         _extend_prefix_heavy(*((4096, 512) if not SMOKE else (48, 8)), h, d, p)
 
 
+def _extend_batch(seq: list[int], ext: list[int], h: int, hkv: int, d: int, p: int, in_order: bool):
+    """(args, {k_new, v_new}, causal FLOPs) of a batch; `in_order`: each request's pages are
+    consecutive pool pages instead of scattered."""
+    k, v, table = paged_kv(seq, p, hkv, d, torch.bfloat16)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    if in_order:
+        used = 0
+        for i, n in enumerate(seq):
+            pages = -(-n // p)
+            table[i, :pages] = torch.arange(used, used + pages, **i32)
+            used += pages
+    q = torch.randn(sum(ext), h, d, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0] + torch.cumsum(torch.tensor(ext), 0).tolist(), **i32)
+    args = (q, k, v, table, torch.tensor(seq, **i32), torch.tensor(ext, **i32), cu, max(ext), d**-0.5)
+    flops = sum(4 * h * d * e * (n - e + (e + 1) / 2) for n, e in zip(seq, ext))
+    return args, _new_kv(k, v, table, seq, ext), flops
+
+
+def bench_extend_loads() -> None:
+    """Does the extend kernel lose to the page table? The same launch with the new keys read by
+    TMA (the engine's path), by pointer loads, or through the pages like the prefix, and with
+    the pool's pages scattered, in order, or 64 tokens long."""
+    h, hkv = (32, 8) if not SMOKE else (2, 1)
+    shapes = {"4k causal": ([4096], [4096]), "gsp chunk 128 x 128 new over 2048": ([2176] * 128, [128] * 128),
+              "short turn 128 new over 8192": ([8320], [128])} if not SMOKE else {"smoke": ([40, 24], [40, 8])}
+    for d in (64, 128) if not SMOKE else (32,):
+        for name, (seq, ext) in shapes.items():
+            for p, in_order in ((16, False), (16, True), (64, False)):
+                args, new_kv, flops = _extend_batch(seq, ext, h, hkv, d, p, in_order)
+                variants = {"new keys by TMA": lambda: K.extend_attention(*args, **new_kv),
+                            "new keys by pointers": lambda: extend_mod.extend_attention_impl(*args, **new_kv,
+                                                                                             use_tma=False),
+                            "all from the pages": lambda: K.extend_attention(*args)}
+                pages = f"P{p} {'in order' if in_order else 'scattered'}"
+                for label, fn in variants.items():
+                    if (p, in_order) != (16, False) and label != "all from the pages":
+                        continue  # the page layout only changes the paged reads
+                    ms = device_ms(fn)
+                    row(f"extend-loads d{d} {label}", f"{name}, {h}/{hkv}h {pages}", _tflops(ms, flops),
+                        f"{ms * 1e3:.1f} us")
+
+
 # ------------------------------------------------------------------ cascade (shared prefix)
 
 def bench_cascade(copy_gbs: float) -> None:
@@ -586,6 +632,7 @@ def main() -> None:
     copy_gbs = bench_copy()
     cascade_groups = tuple(int(g) for g in opts.cascade_groups.split(","))
     sections = [("decode", lambda: bench_decode(copy_gbs, opts.quick)), ("extend", lambda: bench_extend(opts.quick)),
+                ("extend-loads", bench_extend_loads),
                 ("cascade", lambda: bench_cascade(copy_gbs)),
                 ("cascade-graph", lambda: bench_cascade_graph(copy_gbs, opts.quick, cascade_groups)),
                 ("elementwise", lambda: bench_elementwise(copy_gbs))]
