@@ -11,7 +11,7 @@ this builds one ForwardBatch (random tokens, random KV already in the pages) and
 model on it: host milliseconds per forward (perf_counter around the call, the device idle
 before it), device milliseconds (CUDA events), then cProfile over repeated forwards (one
 thread: the shares are clean; cProfile slows Python ~1.5-2x, read the shares) and
-torch.profiler's host time by op. Shapes:
+torch.profiler's tables: host time by op, device time by kernel. Shapes:
 
   gsp chunk    128 requests x 128 new tokens over 2048 cached each (16k tokens: gsp's steps)
   ttft cold    1 request, 128 new tokens, nothing cached
@@ -108,13 +108,18 @@ def cprofile_top(fn, reps: int, top: int) -> str:  # noqa: ANN001
 
 
 def torch_ops_top(fn, reps: int, top: int) -> str:  # noqa: ANN001
+    """torch.profiler over `reps` calls: ops by host time, then kernels by device time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=50)
+    ops = prof.key_averages()
+    return "\n".join([f"-- by host time ({reps} calls)",
+                       ops.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=50),
+                       f"-- by device time ({reps} calls)",
+                       ops.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=50)])
 
 
 def lm_head_variants(hidden: int, vocab: int) -> list[str]:
