@@ -23,6 +23,7 @@ import argparse
 import random
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,6 +91,21 @@ def burst_ms(graphs: DecodeGraphs, rows: DecodeRows, groups: list, steps: int) -
     return ms, {name: us / steps for name, us in kernels.items()}
 
 
+def on_two_streams(first: Callable[[], object], first_stream: torch.cuda.Stream,
+                   second: Callable[[], object], second_stream: torch.cuda.Stream) -> None:
+    """Launch `first` on `first_stream` and `second` on `second_stream`, both after the work
+    already queued on the current stream, which then waits for both (fork, join)."""
+    cur = torch.cuda.current_stream()
+    first_stream.wait_stream(cur)
+    second_stream.wait_stream(cur)
+    with torch.cuda.stream(first_stream):
+        first()
+    with torch.cuda.stream(second_stream):
+        second()
+    cur.wait_stream(first_stream)
+    cur.wait_stream(second_stream)
+
+
 def two_streams_ms(model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, rows: DecodeRows, groups: list,
                    max_model_len: int, dummy_page: int, offsets_ms: tuple[float, ...]) -> list[tuple[str, float]]:
     """Does a decode batch run faster as two half batches on two streams (one half's
@@ -112,24 +128,16 @@ def two_streams_ms(model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, rows: 
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
     cycles_per_ms = torch.cuda.get_device_properties(0).clock_rate  # kHz = cycles per ms
 
-    def together(offset_ms: float) -> None:
-        cur = torch.cuda.current_stream()
-        s1.wait_stream(cur)
-        s2.wait_stream(cur)
-        with torch.cuda.stream(s1):
-            a.replay()
-        with torch.cuda.stream(s2):
-            if offset_ms:
-                torch.cuda._sleep(int(offset_ms * cycles_per_ms))
-            b.replay()
-        cur.wait_stream(s1)
-        cur.wait_stream(s2)
+    def later(offset_ms: float) -> None:
+        if offset_ms:
+            torch.cuda._sleep(int(offset_ms * cycles_per_ms))
+        b.replay()
 
     out = [(f"first half ({groups[cut][0]} rows) alone", bench_ms(a.replay, reps=30, warmup=3))]
     out.append(("both halves in sequence, one stream", bench_ms(lambda: (a.replay(), b.replay()), reps=30)))
     for off in offsets_ms:
         out.append((f"both halves at once, two streams, second {off:.2f} ms later",
-                    bench_ms(lambda off=off: together(off), reps=30)))
+                    bench_ms(lambda off=off: on_two_streams(a.replay, s1, lambda: later(off), s2), reps=30)))
     return out
 
 
@@ -218,18 +226,7 @@ def sm_partition(cfg: ModelConfig, kv: KVCache, rows: DecodeRows, groups: list,
     print(f"   batch {bs}: attention of {layers} layers alone {attn_ms:.3f} ms")
 
     def at_once(gemm_fn, attn_fn) -> float:  # noqa: ANN001
-        def together() -> None:
-            cur = torch.cuda.current_stream()
-            high.wait_stream(cur)
-            low.wait_stream(cur)
-            with torch.cuda.stream(high):
-                gemm_fn()
-            with torch.cuda.stream(low):
-                attn_fn()
-            cur.wait_stream(high)
-            cur.wait_stream(low)
-
-        return bench_ms(together, reps=30, warmup=3)
+        return bench_ms(lambda: on_two_streams(gemm_fn, high, attn_fn, low), reps=30, warmup=3)
 
     try:
         for carve in carveouts:
@@ -277,19 +274,8 @@ def beside_prefill(model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, decode
            (f"chunk then {k} decode replays, one stream", bench_ms(lambda: (prefill_graph.replay(), decodes()), reps=10))]
     for label, decode_priority in (("decode", -1), ("prefill", 0)):
         d_stream, p_stream = torch.cuda.Stream(priority=decode_priority), torch.cuda.Stream(priority=-1 - decode_priority)
-
-        def together() -> None:
-            cur = torch.cuda.current_stream()
-            d_stream.wait_stream(cur)
-            p_stream.wait_stream(cur)
-            with torch.cuda.stream(p_stream):
-                prefill_graph.replay()
-            with torch.cuda.stream(d_stream):
-                decodes()
-            cur.wait_stream(d_stream)
-            cur.wait_stream(p_stream)
-
-        out.append((f"chunk beside {k} decode replays, two streams, {label} stream first", bench_ms(together, reps=10)))
+        both_ms = bench_ms(lambda: on_two_streams(prefill_graph.replay, p_stream, decodes, d_stream), reps=10)
+        out.append((f"chunk beside {k} decode replays, two streams, {label} stream first", both_ms))
     return out
 
 

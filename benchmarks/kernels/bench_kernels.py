@@ -245,16 +245,29 @@ def _new_kv(k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, seq: list[int
     return {"k_new": k.flatten(0, 1)[slots], "v_new": v.flatten(0, 1)[slots]}
 
 
+def _extend_batch(seq: list[int], ext: list[int], h: int, hkv: int, d: int, p: int, dtype: torch.dtype,
+                  in_order: bool = False):
+    """Requests of `seq` tokens each, the last `ext` of them new: (args, {k_new, v_new}, causal
+    FLOPs). `in_order`: each request's pages are consecutive pool pages instead of scattered."""
+    k, v, table = paged_kv(seq, p, hkv, d, dtype)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    if in_order:
+        used = 0
+        for i, n in enumerate(seq):
+            pages = -(-n // p)
+            table[i, :pages] = torch.arange(used, used + pages, **i32)
+            used += pages
+    q = torch.randn(sum(ext), h, d, device=DEV, dtype=dtype)
+    cu = torch.tensor([0] + torch.cumsum(torch.tensor(ext), 0).tolist(), **i32)
+    args = (q, k, v, table, torch.tensor(seq, **i32), torch.tensor(ext, **i32), cu, max(ext), d**-0.5)
+    flops = sum(4 * h * d * e * (n - e + (e + 1) / 2) for n, e in zip(seq, ext))
+    return args, _new_kv(k, v, table, seq, ext), flops
+
+
 def _extend_case(t: int, h: int, d: int, p: int, dtype: torch.dtype, prefix: int = 0, hkv: int | None = None):
     """One request of `prefix` cached + t new tokens, `hkv` KV heads (default: as many as query
-    heads): (args, {k_new, v_new}, causal FLOPs)."""
-    n = prefix + t
-    k, v, table = paged_kv([n], p, hkv or h, d, dtype)
-    q = torch.randn(t, h, d, device=DEV, dtype=dtype)
-    i32 = dict(dtype=torch.int32, device=DEV)
-    args = (q, k, v, table, torch.tensor([n], **i32), torch.tensor([t], **i32), torch.tensor([0, t], **i32), t,
-            d**-0.5)
-    return args, _new_kv(k, v, table, [n], [t]), 4 * h * d * t * (prefix + (t + 1) / 2)
+    heads)."""
+    return _extend_batch([prefix + t], [t], h, hkv or h, d, p, dtype)
 
 
 def _sdpa_ms(t_q: int, t_k: int, h: int, d: int, dtype: torch.dtype) -> dict[str, float]:
@@ -292,15 +305,10 @@ def _extend_checks(dims: list[int], p: int) -> None:
     bf16 and fp32, new keys from the pages, from k_new by TMA (sm90+) and by pointers."""
     mseq, mext = ([1500, 700, 2048, 129, 1, 64, 900], [1500, 300, 2048, 1, 1, 63, 0]) if not SMOKE else \
         ([20, 9, 7], [20, 3, 0])
-    i32 = dict(dtype=torch.int32, device=DEV)
     for dt, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
         for d in dims:
-            k, v, table = paged_kv(mseq, p, 8 if not SMOKE else 1, d, dt)
-            q = torch.randn(sum(mext), (32 if not SMOKE else 2), d, device=DEV, dtype=dt)
-            cu = torch.tensor([0] + list(torch.cumsum(torch.tensor(mext), 0).tolist()), **i32)
-            args = (q, k, v, table, torch.tensor(mseq, **i32), torch.tensor(mext, **i32), cu, max(mext), d**-0.5)
+            args, new_kv, _ = _extend_batch(mseq, mext, 32 if not SMOKE else 2, 8 if not SMOKE else 1, d, p, dt)
             ref = K.extend_attention_reference(*args)
-            new_kv = _new_kv(k, v, table, mseq, mext)
             name = f"extend {dt} d{d} mixed GQA batch"
             check(f"{name}, pages", K.extend_attention(*args), ref, tol)
             check(f"{name}, k_new", K.extend_attention(*args, **new_kv), ref, tol)
@@ -406,24 +414,6 @@ def bench_extend(quick: bool) -> None:
         _extend_prefix_heavy(*((4096, 512) if not SMOKE else (48, 8)), h, d, p)
 
 
-def _extend_batch(seq: list[int], ext: list[int], h: int, hkv: int, d: int, p: int, in_order: bool):
-    """(args, {k_new, v_new}, causal FLOPs) of a batch; `in_order`: each request's pages are
-    consecutive pool pages instead of scattered."""
-    k, v, table = paged_kv(seq, p, hkv, d, torch.bfloat16)
-    i32 = dict(dtype=torch.int32, device=DEV)
-    if in_order:
-        used = 0
-        for i, n in enumerate(seq):
-            pages = -(-n // p)
-            table[i, :pages] = torch.arange(used, used + pages, **i32)
-            used += pages
-    q = torch.randn(sum(ext), h, d, device=DEV, dtype=torch.bfloat16)
-    cu = torch.tensor([0] + torch.cumsum(torch.tensor(ext), 0).tolist(), **i32)
-    args = (q, k, v, table, torch.tensor(seq, **i32), torch.tensor(ext, **i32), cu, max(ext), d**-0.5)
-    flops = sum(4 * h * d * e * (n - e + (e + 1) / 2) for n, e in zip(seq, ext))
-    return args, _new_kv(k, v, table, seq, ext), flops
-
-
 def bench_extend_loads() -> None:
     """Does the extend kernel lose to the page table? The same launch with the new keys read by
     TMA (the engine's path), by pointer loads, or through the pages like the prefix, and with
@@ -434,7 +424,7 @@ def bench_extend_loads() -> None:
     for d in (64, 128) if not SMOKE else (32,):
         for name, (seq, ext) in shapes.items():
             for p, in_order in ((16, False), (16, True), (64, False)):
-                args, new_kv, flops = _extend_batch(seq, ext, h, hkv, d, p, in_order)
+                args, new_kv, flops = _extend_batch(seq, ext, h, hkv, d, p, torch.bfloat16, in_order)
                 variants = {"new keys by TMA": lambda: K.extend_attention(*args, **new_kv),
                             "new keys by pointers": lambda: extend_mod.extend_attention_impl(*args, **new_kv,
                                                                                              use_tma=False),
